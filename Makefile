@@ -1,0 +1,66 @@
+# vgg-onnx: every target installs what it needs into the Python that PYTHON names
+# (default python3, so an active virtualenv is used).
+PYTHON ?= python3
+MODEL ?= D
+WEIGHTS ?=
+OUT ?= models/vgg_$(MODEL).onnx
+DATA ?=
+EPOCHS ?= 74
+TORCHVISION_VENV ?= .venv-torchvision
+
+# one stamp per interpreter, remade when the package's requirements change
+PYID := $(shell $(PYTHON) -c "import sys, hashlib; print(hashlib.md5(sys.prefix.encode()).hexdigest()[:10])" 2>/dev/null)
+STAMP := .make/installed-$(PYID)
+VGG := $(PYTHON) -m vgg_onnx
+
+.PHONY: install test export demo train bench torchvision-env host-deps clean help
+
+help:
+	@echo "make demo | make test | make export MODEL=D [WEIGHTS=file] [OUT=file] | make train MODEL=A DATA=dir"
+	@echo "make install | make bench | make torchvision-env | make host-deps | make clean"
+
+$(STAMP): pyproject.toml
+	@test -n "$(PYID)" || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 2; }
+	# torch 2.13.0 first: here a CPU wheel on local disk (a bare torch would pull a multi-GB CUDA build)
+	$(PYTHON) -m pip install --quiet "torch==2.13.0"
+	$(PYTHON) -m pip install --quiet -e ".[all,dev]"
+	@mkdir -p .make && touch $@
+
+install:
+	@rm -f $(STAMP)
+	@$(MAKE) --no-print-directory $(STAMP)
+
+# torchvision exists here only as 0.29.1 paired with torch 2.14.1 (a CUDA build): it lives in its
+# own virtualenv, used by the torchvision compatibility test alone, so the main install stays light.
+$(TORCHVISION_VENV)/.ready:
+	$(PYTHON) -m venv $(TORCHVISION_VENV)
+	$(TORCHVISION_VENV)/bin/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+	@touch $@
+
+torchvision-env: $(TORCHVISION_VENV)/.ready
+
+# the C++ and Node.js hosts' system packages (Debian; needs root) and npm packages
+host-deps:
+	@if command -v apt-get >/dev/null && ! dpkg -s libopencv-dev cmake g++ >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopencv-dev cmake g++ >/dev/null; fi
+	if [ -f runtime/node/package.json ]; then cd runtime/node && npm install --ignore-scripts --no-audit --no-fund --silent; fi
+
+test: $(STAMP) torchvision-env
+	VGG_ONNX_TORCHVISION_PYTHON=$(TORCHVISION_VENV)/bin/python $(PYTHON) -m pytest -q
+
+export: $(STAMP)
+	$(VGG) export --config $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) --out $(OUT)
+
+demo: $(STAMP)
+	$(VGG) export --config D $(if $(WEIGHTS),--weights $(WEIGHTS)) --out models/vgg_D.onnx
+	$(VGG) infer samples/ --model models/vgg_D.onnx --scales 256,384,512 --method both
+
+train: $(STAMP)
+	@test -n "$(DATA)" || { echo "make train: set DATA=folder with train/ and val/"; exit 2; }
+	$(VGG) train --config $(MODEL) --data $(DATA) --out runs/$(MODEL) --epochs $(EPOCHS)
+
+bench: $(STAMP)
+	$(VGG) bench --model $(OUT) --images ../shared/data/imagenet-samples
+
+clean:
+	rm -rf .make build *.egg-info .pytest_cache models runtime/cpp/build

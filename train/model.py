@@ -1,0 +1,96 @@
+"""The VGG network built from the configuration table, with torchvision's state-dict layout.
+
+Keys are torchvision's (`features.<i>.*`, `classifier.0/3/6.*`), so torchvision's vgg11/13/16/19
+(and `_bn`) checkpoints load as they are. This is the FC form used in training; export
+rewrites the classifier into convolutions for dense evaluation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vgg_onnx.configs import (DEFAULT_CROP, FC_WIDTH, IMAGENET_CLASSES, LRN_PARAMS, NUM_POOLS,
+                              Config, check_crop, parse_config, scaled_channels)
+
+
+def make_features(config: Config, width_mult: float = 1.0) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    in_channels = 3
+    for layer in config.layers:
+        if layer == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        elif layer == "LRN":
+            layers.append(nn.LocalResponseNorm(**LRN_PARAMS))
+        else:
+            channels, kernel = (layer[1], 1) if isinstance(layer, tuple) else (layer, 3)
+            channels = scaled_channels(channels, width_mult)
+            layers.append(nn.Conv2d(in_channels, channels, kernel_size=kernel, padding=kernel // 2))
+            if config.batch_norm:
+                layers.append(nn.BatchNorm2d(channels))
+            layers.append(nn.ReLU(inplace=True))
+            in_channels = channels
+    return nn.Sequential(*layers)
+
+
+class VGG(nn.Module):
+    """VGG in FC form: features -> flatten (C,H,W order) -> fc6 -> fc7 -> fc8."""
+
+    def __init__(self, config: str | Config = "D", num_classes: int = IMAGENET_CLASSES,
+                 width_mult: float = 1.0, crop_size: int = DEFAULT_CROP, dropout: float = 0.5,
+                 batch_norm: bool | None = None):
+        super().__init__()
+        config = parse_config(config) if isinstance(config, str) else config
+        if batch_norm is not None and batch_norm != config.batch_norm:
+            config = parse_config(config.base + ("-BN" if batch_norm else ""))
+        self.config = config
+        self.num_classes = num_classes
+        self.width_mult = width_mult
+        self.crop_size = check_crop(crop_size)
+        self.fc6_kernel = crop_size // 2 ** NUM_POOLS  # 7 for 224
+        self.features = make_features(config, width_mult)
+        last_channels = self.features[-4 if config.batch_norm else -3].out_channels
+        hidden = scaled_channels(FC_WIDTH, width_mult)
+        self.classifier = nn.Sequential(
+            nn.Linear(last_channels * self.fc6_kernel ** 2, hidden),  # fc6
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, hidden),  # fc7
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),  # fc8
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        if x.shape[-2:] != (self.fc6_kernel, self.fc6_kernel):
+            raise ValueError(f"FC form needs {self.crop_size}x{self.crop_size} input, "
+                             f"got {x.shape[-2] * 32}x{x.shape[-1] * 32}; use the conv form for dense evaluation")
+        return self.classifier(torch.flatten(x, 1))
+
+    def conv_layers(self) -> list[nn.Conv2d]:
+        return [m for m in self.features if isinstance(m, nn.Conv2d)]
+
+    def fc_layers(self) -> list[nn.Linear]:
+        return [self.classifier[0], self.classifier[3], self.classifier[6]]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def init_weights(model: VGG, method: str = "gaussian", generator: torch.Generator | None = None) -> VGG:
+    """The paper's initialisations: Gaussian std 0.01 (the authors' Caffe solver) or Glorot; biases zero."""
+    if method not in ("gaussian", "glorot"):
+        raise ValueError(f"unknown init {method!r}: gaussian or glorot")
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if method == "gaussian":
+                nn.init.normal_(m.weight, 0.0, 0.01, generator=generator)
+            else:
+                nn.init.xavier_uniform_(m.weight, generator=generator)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return model

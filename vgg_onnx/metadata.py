@@ -1,0 +1,116 @@
+"""What a compiled model (or one of our checkpoints) says about itself.
+
+One description, `ModelInfo`, written by export into the ONNX graph's `metadata_props` (every
+value a string; structured values as JSON) and into a JSON file beside the model for hosts
+that cannot read metadata_props; read back by the runtime and the embedding hosts. Our
+training checkpoints carry the same fields in their JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from . import __version__
+from .classes import ClassInfo, classes_from_dicts
+from .errors import VggOnnxError
+from .preprocessing import CONVENTIONS, Normalization, default_test_scales
+
+FORMAT_KEY = "vgg_onnx_format"
+FORMAT_VERSION = "1"
+
+# the graph's interface, fixed for every export
+INPUT_NAME = "image"
+SCORES_NAME = "scores"  # N x classes x h x w: the class score map
+PROBS_NAME = "probs"  # N x classes: softmax of the score map's spatial mean
+
+
+@dataclass
+class ModelInfo:
+    config: str
+    classes: tuple[ClassInfo, ...]
+    normalization: Normalization
+    crop_size: int = 224
+    width_mult: float = 1.0
+    train_scales: list[int] = field(default_factory=lambda: [256])  # [S] fixed, [Smin, Smax] jittered
+    test_scales: list[int] | None = None  # None: the paper's default for train_scales
+    param_count: int = 0
+    weights_source: str = ""  # file name the weights came from ("" for random initialisation)
+    weights_sha256: str = ""
+    precision: str = "fp32"
+    version: str = __version__
+
+    def __post_init__(self):
+        if self.test_scales is None:
+            self.test_scales = default_test_scales(self.train_scales)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_json_dict(self) -> dict:
+        return {
+            FORMAT_KEY: FORMAT_VERSION,
+            "config": self.config,
+            "num_classes": self.num_classes,
+            "classes": [c.to_dict() for c in self.classes],
+            "normalization": self.normalization.to_dict(),
+            "crop_size": self.crop_size,
+            "width_mult": self.width_mult,
+            "train_scales": list(self.train_scales),
+            "test_scales": list(self.test_scales),
+            "param_count": self.param_count,
+            "weights_source": self.weights_source,
+            "weights_sha256": self.weights_sha256,
+            "precision": self.precision,
+            "vgg_onnx_version": self.version,
+            "input": INPUT_NAME,
+            "outputs": [SCORES_NAME, PROBS_NAME],
+            "preprocessing": CONVENTIONS,
+        }
+
+    def to_metadata_props(self) -> dict[str, str]:
+        """Flat string map for ONNX metadata_props: strings as they are, everything else as JSON."""
+        return {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.to_json_dict().items()}
+
+    @classmethod
+    def from_json_dict(cls, d: dict, source: str = "model") -> "ModelInfo":
+        if str(d.get(FORMAT_KEY)) != FORMAT_VERSION:
+            raise VggOnnxError(f"{source}: no vgg-onnx metadata (not exported by vgg-onnx export)")
+        try:
+            return cls(
+                config=d["config"],
+                classes=classes_from_dicts(d["classes"]),
+                normalization=Normalization.from_dict(d["normalization"]),
+                crop_size=int(d["crop_size"]),
+                width_mult=float(d.get("width_mult", 1.0)),
+                train_scales=[int(s) for s in d["train_scales"]],
+                test_scales=[int(s) for s in d["test_scales"]],
+                param_count=int(d.get("param_count", 0)),
+                weights_source=d.get("weights_source", ""),
+                weights_sha256=d.get("weights_sha256", ""),
+                precision=d.get("precision", "fp32"),
+                version=d.get("vgg_onnx_version", ""),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise VggOnnxError(f"{source}: malformed vgg-onnx metadata ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def from_metadata_props(cls, props: dict[str, str], source: str = "model") -> "ModelInfo":
+        decoded = {}
+        for key, value in props.items():
+            try:
+                decoded[key] = json.loads(value)
+            except (json.JSONDecodeError, TypeError):
+                decoded[key] = value
+        # values that are strings were stored as they are; a JSON-looking string stays decoded
+        decoded[FORMAT_KEY] = props.get(FORMAT_KEY)
+        for key in ("config", "weights_source", "weights_sha256", "precision", "vgg_onnx_version"):
+            if key in props:
+                decoded[key] = props[key]
+        return cls.from_json_dict(decoded, source)
+
+
+def sidecar_path(onnx_path: str) -> str:
+    """The JSON copy of the metadata beside a model: vgg_D.onnx -> vgg_D.json."""
+    return onnx_path[:-5] + ".json" if onnx_path.endswith(".onnx") else onnx_path + ".json"

@@ -6,6 +6,7 @@ WEIGHTS ?=
 OUT ?= models/vgg_$(MODEL).onnx
 DATA ?=
 EPOCHS ?= 74
+TRAIN_ARGS ?=
 TORCHVISION_VENV ?= .venv-torchvision
 
 # one stamp per interpreter, remade when the package's requirements change
@@ -41,8 +42,8 @@ torchvision-env: $(TORCHVISION_VENV)/.ready
 
 # the C++ and Node.js hosts' system packages (Debian; needs root) and npm packages
 host-deps:
-	@if command -v apt-get >/dev/null && ! dpkg -s libopencv-dev cmake g++ >/dev/null 2>&1; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopencv-dev cmake g++ >/dev/null; fi
+	@if command -v apt-get >/dev/null && ! dpkg -s libopencv-dev nlohmann-json3-dev cmake g++ >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopencv-dev nlohmann-json3-dev cmake g++ >/dev/null; fi
 	if [ -f runtime/node/package.json ]; then cd runtime/node && npm install --ignore-scripts --no-audit --no-fund --silent; fi
 
 test: $(STAMP) torchvision-env
@@ -57,7 +58,7 @@ demo: $(STAMP)
 
 train: $(STAMP)
 	@test -n "$(DATA)" || { echo "make train: set DATA=folder with train/ and val/"; exit 2; }
-	$(VGG) train --config $(MODEL) --data $(DATA) --out runs/$(MODEL) --epochs $(EPOCHS)
+	$(VGG) train --config $(MODEL) --data $(DATA) --out runs/$(MODEL) --epochs $(EPOCHS) $(if $(RESUME),--resume) $(TRAIN_ARGS)
 
 bench: $(STAMP)
 	$(VGG) bench --model $(OUT) --images ../shared/data/imagenet-samples

@@ -2,13 +2,17 @@
 
 fc6 becomes a (crop/32)x(crop/32) conv and fc7, fc8 1x1 convs: the Linear weights reshaped
 in C,H,W order, which is exactly the order torch.flatten gives the FC form's input.
+
+The graph is emitted directly with onnx.helper from the torch module's layers rather than
+traced by torch.onnx.export: VGG is a plain chain, so this is short, needs no tracing (VGG-D
+compiles in about a second and one copy of the weights), folds batch norm into the convs,
+and gives A-LRN a single ONNX LRN node instead of torch's decomposed pooling arithmetic.
+DenseVGG is the torch twin of the emitted graph; verification compares the two.
 """
 
 from __future__ import annotations
 
 import copy
-import io
-import warnings
 
 import numpy as np
 import torch
@@ -18,15 +22,17 @@ from vgg_onnx.metadata import INPUT_NAME, PROBS_NAME, SCORES_NAME, ModelInfo
 from vgg_onnx.preprocessing import Normalization
 from vgg_onnx.train.model import VGG
 
-DEFAULT_OPSET = 17  # the TorchScript exporter's opset 17 also parses in OpenCV 4.6's DNN importer
-IR_VERSION = 8  # opset 17's IR; onnx 1.23 would write 14, which onnxruntime 1.31 refuses
+DEFAULT_OPSET = 17  # also parses in OpenCV 4.6's DNN importer
+MIN_OPSET, MAX_OPSET = 13, 21  # Softmax over one axis from 13; onnxruntime 1.31 loads up to 21 here
+LARGE_INITIALIZER = 4096  # elements; bigger tensors are kept out of onnxsim's way (see simplify)
 
 
 def linear_to_conv(linear: nn.Linear, in_channels: int, kernel: int) -> nn.Conv2d:
-    conv = nn.Conv2d(in_channels, linear.out_features, kernel)
-    with torch.no_grad():
-        conv.weight.copy_(linear.weight.reshape(linear.out_features, in_channels, kernel, kernel))
-        conv.bias.copy_(linear.bias)
+    """A conv sharing the Linear's storage (a reshape is a view): exact, and no weight copy."""
+    conv = nn.Conv2d(in_channels, linear.out_features, kernel, device="meta")
+    conv.weight = nn.Parameter(linear.weight.detach().reshape(linear.out_features, in_channels, kernel, kernel),
+                               requires_grad=False)
+    conv.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
     return conv
 
 
@@ -35,17 +41,17 @@ class DenseVGG(nn.Module):
 
     Normalisation is inside: subtract the mean (and divide by std) per channel. A BGR model's
     channel reversal is folded into the first conv's weights, which is exact (padding zeros
-    are the same in either order) and keeps the graph free of gathers.
+    are the same in either order) and keeps the graph free of gathers. The conv layers are
+    copied (small); the FC weights are shared with `model` (large).
     """
 
     def __init__(self, model: VGG, norm: Normalization):
         super().__init__()
-        model = copy.deepcopy(model).eval()
-        self.features = model.features
+        self.features = copy.deepcopy(model.features).eval()
+        self.features.requires_grad_(False)
         if norm.channel_order == "BGR":
-            first = model.conv_layers()[0]
-            with torch.no_grad():
-                first.weight.copy_(first.weight.flip(1))
+            first = next(m for m in self.features if isinstance(m, nn.Conv2d))
+            first.weight.data = first.weight.data.flip(1).contiguous()
         fc6, fc7, fc8 = model.fc_layers()
         k = model.fc6_kernel
         self.fc6 = linear_to_conv(fc6, fc6.in_features // (k * k), k)
@@ -74,44 +80,186 @@ def reference_outputs(model: VGG, norm: Normalization, image: torch.Tensor) -> t
         return model.eval()(x.contiguous())
 
 
-def to_onnx(model: VGG, info: ModelInfo, opset: int = DEFAULT_OPSET, fp16: bool = False,
-            simplify: bool = True):
-    """Build the ONNX ModelProto (with metadata). Returns (proto, dense torch module)."""
+# --- emission ------------------------------------------------------------------------------
+
+def _fold_batch_norm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[np.ndarray, np.ndarray]:
+    """Eval-mode batch norm folded into the conv before it (computed in float64)."""
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    weight = conv.weight.double() * scale.view(-1, 1, 1, 1)
+    bias = (conv.bias.double() - bn.running_mean.double()) * scale + bn.bias.double()
+    return weight.float().numpy(), bias.float().numpy()
+
+
+def _graph_layers(dense: DenseVGG):
+    """(kind, name, params) for each layer of the conv form, with Caffe-style names."""
+    modules = list(dense.features)
+    block, pos, i = 1, 0, 0
+    while i < len(modules):
+        m = modules[i]
+        if isinstance(m, nn.Conv2d):
+            pos += 1
+            name = f"conv{block}_{pos}"
+            if i + 1 < len(modules) and isinstance(modules[i + 1], nn.BatchNorm2d):
+                weight, bias = _fold_batch_norm(m, modules[i + 1])
+                i += 1
+            else:
+                weight, bias = m.weight.detach().numpy(), m.bias.detach().numpy()
+            yield "conv", name, (weight, bias, m.padding[0])
+        elif isinstance(m, nn.ReLU):
+            yield "relu", f"relu{block}_{pos}", None
+        elif isinstance(m, nn.MaxPool2d):
+            yield "pool", f"pool{block}", None
+            block, pos = block + 1, 0
+        elif isinstance(m, nn.LocalResponseNorm):
+            yield "lrn", f"norm{block}", m
+        else:
+            raise TypeError(f"cannot compile layer {type(m).__name__}")
+        i += 1
+    for name, conv in (("fc6", dense.fc6), ("fc7", dense.fc7), ("fc8", dense.fc8)):
+        yield "conv", name, (conv.weight.detach().numpy(), conv.bias.detach().numpy(), 0)
+        if name != "fc8":
+            yield "relu", "relu" + name[2:], None
+
+
+def build_graph(dense: DenseVGG, info: ModelInfo, opset: int = DEFAULT_OPSET, fp16: bool = False,
+                with_weights: bool = True):
+    """The ONNX ModelProto of `dense`. Without weights, the large tensors are graph inputs instead
+    (for onnxsim); `attach_weights` puts them back. Returns (proto, {name: array} of those tensors)."""
     import onnx
+    from onnx import TensorProto, helper, numpy_helper
 
-    dense = DenseVGG(model, info.normalization).eval()
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"opset {opset} is outside {MIN_OPSET}..{MAX_OPSET}")
+    float_type = TensorProto.FLOAT16 if fp16 else TensorProto.FLOAT
+    weight_dtype = np.float16 if fp16 else np.float32
+    nodes, small, large = [], [], {}
+
+    def constant(name, array, dtype):
+        array = np.ascontiguousarray(array, dtype=dtype)
+        if array.size > LARGE_INITIALIZER:
+            large[name] = array
+        else:
+            small.append(numpy_helper.from_array(array, name))
+        return name
+
+    x = INPUT_NAME
+    nodes.append(helper.make_node("Sub", [x, constant("mean", dense.mean.numpy(), np.float32)], ["centred"],
+                                  name="subtract_mean"))
+    x = "centred"
+    if dense.scale_std:
+        nodes.append(helper.make_node("Div", [x, constant("std", dense.std.numpy(), np.float32)], ["normalised"],
+                                      name="divide_std"))
+        x = "normalised"
     if fp16:
-        for module in (dense.features, dense.fc6, dense.fc7, dense.fc8):
-            module.half()
-    crop = info.crop_size
-    example = torch.rand(1, 3, crop, crop) * 255
-    buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            dense, (example,), buffer, dynamo=False, opset_version=opset,
-            input_names=[INPUT_NAME], output_names=[SCORES_NAME, PROBS_NAME],
-            dynamic_axes={INPUT_NAME: {0: "N", 2: "H", 3: "W"},
-                          SCORES_NAME: {0: "N", 2: "h", 3: "w"}, PROBS_NAME: {0: "N"}},
-            do_constant_folding=True,
-        )
-    proto = onnx.load_from_string(buffer.getvalue())
-    del buffer
-    if simplify:
-        import onnxsim
+        nodes.append(helper.make_node("Cast", [x], ["input_fp16"], name="to_fp16", to=float_type))
+        x = "input_fp16"
+    for kind, name, params in _graph_layers(dense):
+        out = name
+        if kind == "conv":
+            weight, bias, pad = params
+            inputs = [x, constant(name + ".weight", weight, weight_dtype), constant(name + ".bias", bias, weight_dtype)]
+            if name == "fc8" and fp16:
+                out = "scores_fp16"
+            elif name == "fc8":
+                out = SCORES_NAME
+            k = weight.shape[-1]
+            nodes.append(helper.make_node("Conv", inputs, [out], name=name, kernel_shape=[k, k], pads=[pad] * 4,
+                                          strides=[1, 1], dilations=[1, 1]))
+        elif kind == "relu":
+            nodes.append(helper.make_node("Relu", [x], [out], name=name))
+        elif kind == "pool":
+            nodes.append(helper.make_node("MaxPool", [x], [out], name=name, kernel_shape=[2, 2], strides=[2, 2]))
+        else:  # ONNX's LRN divides alpha by size, as torch and Caffe do
+            nodes.append(helper.make_node("LRN", [x], [out], name=name, size=params.size, alpha=params.alpha,
+                                          beta=params.beta, bias=params.k))
+        x = out
+    if fp16:
+        nodes.append(helper.make_node("Cast", [x], [SCORES_NAME], name="scores_to_fp32", to=TensorProto.FLOAT))
+    # GlobalAveragePool + Flatten rather than ReduceMean: OpenCV 4.6's DNN importer reduces only
+    # the first spatial position of ReduceMean(axes=[2, 3]), so hosts built on it got wrong probs
+    nodes.append(helper.make_node("GlobalAveragePool", [SCORES_NAME], ["mean_scores_4d"], name="spatial_mean"))
+    nodes.append(helper.make_node("Flatten", ["mean_scores_4d"], ["mean_scores"], name="flatten", axis=1))
+    nodes.append(helper.make_node("Softmax", ["mean_scores"], [PROBS_NAME], name="softmax", axis=1))
 
-        proto, ok = onnxsim.simplify(proto)
-        if not ok:
-            raise RuntimeError("onnxsim could not validate the simplified graph")
-    proto.ir_version = IR_VERSION
-    proto.producer_name = "vgg-onnx"
-    proto.producer_version = info.version
+    classes = info.num_classes
+    inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", 3, "H", "W"])]
+    if not with_weights:
+        inputs += [helper.make_tensor_value_info(n, float_type, list(a.shape)) for n, a in large.items()]
+    graph = helper.make_graph(
+        nodes, f"vgg_{info.config}", inputs,
+        [helper.make_tensor_value_info(SCORES_NAME, TensorProto.FLOAT, ["N", classes, "h", "w"]),
+         helper.make_tensor_value_info(PROBS_NAME, TensorProto.FLOAT, ["N", classes])],
+        small)
+    opset_id = helper.make_opsetid("", opset)
+    proto = helper.make_model(graph, opset_imports=[opset_id], producer_name="vgg-onnx",
+                              producer_version=info.version)
+    # the lowest IR version that carries this opset: onnx 1.23 would write 14, which onnxruntime 1.31 refuses
+    proto.ir_version = helper.find_min_ir_version_for([opset_id])
     proto.doc_string = (f"VGG-{info.config} (Simonyan & Zisserman 2015), dense evaluation: input '{INPUT_NAME}' "
                         f"float32 Nx3xHxW RGB 0..255; outputs '{SCORES_NAME}' (score map) and '{PROBS_NAME}'.")
-    del proto.metadata_props[:]
     for key, value in info.to_metadata_props().items():
         proto.metadata_props.add(key=key, value=value)
-    onnx.checker.check_model(proto)
+    if with_weights:
+        attach_weights(proto, large)
+        large = {}
+    else:
+        onnx.checker.check_model(proto)  # the structure; the weights are checked once attached
+    return proto, large
+
+
+def attach_weights(proto, tensors: dict[str, np.ndarray]) -> None:
+    """Turn the named graph inputs back into initializers holding `tensors` (consumed)."""
+    from onnx import helper
+
+    names = set(tensors)
+    kept = [i for i in proto.graph.input if i.name not in names]
+    del proto.graph.input[:]
+    proto.graph.input.extend(kept)
+    for name in list(tensors):
+        array = tensors.pop(name)
+        tensor = proto.graph.initializer.add()
+        tensor.name = name
+        tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+        tensor.dims.extend(array.shape)
+        tensor.raw_data = array.tobytes()  # little-endian on every machine onnxruntime supports
+        del array
+
+
+def simplify(proto):
+    """onnxsim over the graph's structure. The large weights are graph inputs at this point, so
+    onnxsim neither copies nor re-serialises hundreds of MB; our own verification replaces its
+    random-input check (check_n=0)."""
+    import onnxsim
+
+    simplified, ok = onnxsim.simplify(proto, check_n=0)
+    if not ok:
+        raise RuntimeError("onnxsim could not validate the simplified graph")
+    return simplified
+
+
+def to_onnx(model: VGG, info: ModelInfo, opset: int = DEFAULT_OPSET, fp16: bool = False,
+            simplify: bool = True):
+    """Build the ONNX ModelProto (with metadata). Returns (proto, dense torch module in float32)."""
+    return compile_model(model, info, opset, fp16, simplify)
+
+
+def compile_model(model: VGG, info: ModelInfo, opset: int = DEFAULT_OPSET, fp16: bool = False,
+                  run_simplify: bool = True, check: bool = True):
+    """(proto, DenseVGG). check=False leaves onnx.checker to the caller (export checks the written
+    file instead, which spares a serialised copy of the weights in memory)."""
+    import onnx
+
+    model.eval()
+    info.precision = "fp16" if fp16 else "fp32"
+    dense = DenseVGG(model, info.normalization).eval()
+    proto, large = build_graph(dense, info, opset, fp16, with_weights=not run_simplify)
+    if not run_simplify and check:
+        onnx.checker.check_model(proto)
+    if run_simplify:
+        proto = simplify(proto)
+        attach_weights(proto, large)
+        if check:
+            onnx.checker.check_model(proto)
     return proto, dense
 
 

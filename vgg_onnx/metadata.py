@@ -42,7 +42,7 @@ class ModelInfo:
 
     def __post_init__(self):
         if self.test_scales is None:
-            self.test_scales = default_test_scales(self.train_scales)
+            self.test_scales = default_test_scales(self.train_scales, self.crop_size)
 
     @property
     def num_classes(self) -> int:

@@ -66,13 +66,19 @@ def crop_boxes(width: int, height: int, crop: int, n: int = GRID_SIZE) -> list[t
     return [(x, y) for y in grid_offsets(height, crop, n) for x in grid_offsets(width, crop, n)]
 
 
-def default_test_scales(train_scales: list[int]) -> list[int]:
-    """PAPER.md §3: {S-32, S, S+32} for fixed S, {Smin, (Smin+Smax)/2, Smax} for jittered S."""
+def default_test_scales(train_scales: list[int], crop: int = 0) -> list[int]:
+    """PAPER.md §3: {S-32, S, S+32} for fixed S, {Smin, (Smin+Smax)/2, Smax} for jittered S.
+
+    A scale under the crop size cannot be evaluated: it is raised to the crop (S-32 < crop
+    happens for small training scales such as S = 146 with crop 128).
+    """
     if len(train_scales) == 1:
         s = train_scales[0]
-        return [s - 32, s, s + 32]
-    lo, hi = train_scales
-    return [lo, (lo + hi) // 2, hi]
+        scales = [s - 32, s, s + 32]
+    else:
+        lo, hi = train_scales
+        scales = [lo, (lo + hi) // 2, hi]
+    return sorted({max(q, crop) for q in scales})
 
 
 def parse_scales(text: str) -> list[int]:
@@ -260,6 +266,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         raise ImageError(f"invalid image size {width}x{height}")
     if width * height > max_pixels:
         raise ImageError(f"{width}x{height} image exceeds the pixel limit of {max_pixels} (--max-pixels)")
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data:
+        raise ImageError("truncated PNG (no IEND chunk)")
     # ANYDEPTH keeps 16-bit samples; ANYCOLOR gives 1 or 3 channels (alpha dropped, CMYK
     # converted); any flag but IMREAD_UNCHANGED applies the EXIF orientation.
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
@@ -294,7 +302,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 
 CONVENTIONS = {
     "decode": "8-bit RGB; grayscale replicated to 3 channels; alpha dropped; 16-bit scaled to 8 bits "
-              "(round(v*255/65535)); EXIF orientation applied",
+              "(round(v*255/65535)); EXIF orientation applied; embedded ICC profiles not applied (values as stored)",
     "rescale": "isotropic: shorter side = Q exactly, longer side = floor(L*Q/shorter + 0.5) "
                "= (2*L*Q + shorter) // (2*shorter); OpenCV INTER_AREA when shrinking, INTER_LINEAR when enlarging",
     "input": "float32 N x 3 x H x W, RGB, values 0..255, H and W at least crop_size; normalisation is inside the graph",

@@ -1,0 +1,165 @@
+"""One compiled model on ONNX Runtime: provider choice (no silent fallback), threads, metadata.
+
+The model's ModelInfo (crop size, classes, scales) comes from its metadata_props, read through
+ONNX Runtime itself, so the runtime needs neither onnx nor torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import os
+import sys
+
+import numpy as np
+
+from vgg_onnx.errors import UsageError, VggOnnxError
+from vgg_onnx.metadata import INPUT_NAME, PROBS_NAME, SCORES_NAME, ModelInfo
+
+PROVIDERS = ("auto", "cuda", "tensorrt", "cpu")
+ORT_NAMES = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
+             "cpu": "CPUExecutionProvider"}
+_announced = False  # `auto` says once per process which provider it picked
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UsageError("onnxruntime is not installed: pip install 'vgg-onnx[runtime]'") from None
+    return onnxruntime
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (the affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def gpu_library_problem(provider: str) -> str | None:
+    """Why ONNX Runtime's CUDA/TensorRT provider library cannot load here, or None if it can.
+
+    Loading it ourselves gives the real reason (a missing libcublas...) in one line, where
+    ONNX Runtime would only log it and carry on on the CPU.
+    """
+    ort = _ort()
+    name = ORT_NAMES[provider]
+    if name not in ort.get_available_providers():
+        return f"this onnxruntime build has no {name} (install onnxruntime-gpu)"
+    if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from nvidia-* wheels, where installed
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            try:
+                ort.preload_dlls()
+            except Exception:  # noqa: BLE001 - best effort; the load below says what is missing
+                pass
+    capi = os.path.join(os.path.dirname(ort.__file__), "capi")
+    try:
+        ctypes.CDLL(os.path.join(capi, "libonnxruntime_providers_shared.so"), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(os.path.join(capi, f"libonnxruntime_providers_{provider}.so"))
+    except OSError as e:
+        return str(e)
+    return None
+
+
+def _provider_list(provider: str):
+    cuda = ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"})  # every image brings new shapes
+    if provider == "cuda":
+        return [cuda, "CPUExecutionProvider"]
+    if provider == "tensorrt":
+        # dynamic shapes: TensorRT builds an engine per shape profile; CUDA takes what it rejects
+        return [("TensorrtExecutionProvider", {"trt_engine_cache_enable": True}), cuda, "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def resolve_provider(provider: str) -> tuple[str, str | None]:
+    """(provider to try, why CUDA is out for `auto`). Explicit GPU providers whose libraries do
+    not load are refused here, with the reason."""
+    if provider not in PROVIDERS:
+        raise UsageError(f"unknown provider {provider!r}; valid: {', '.join(PROVIDERS)}")
+    if provider in ("cuda", "tensorrt"):
+        problem = gpu_library_problem(provider)
+        if problem:
+            raise VggOnnxError(f"provider {provider} cannot run: {problem}")
+    if provider != "auto":
+        return provider, None
+    problem = gpu_library_problem("cuda")
+    return ("cpu", problem) if problem else ("cuda", None)
+
+
+def announce(provider: str, reason: str | None) -> None:
+    """`auto` says once per process which provider it ended up with, and why not CUDA."""
+    global _announced
+    if not _announced:
+        why = f" (CUDA unavailable: {reason})" if reason else ""
+        print(f"vgg-onnx: using the {provider.upper()} provider{why}", file=sys.stderr)
+        _announced = True
+
+
+class ModelSession:
+    """An ONNX Runtime session on a vgg-onnx model; `run` maps an N x 3 x H x W batch to outputs."""
+
+    def __init__(self, path: str | os.PathLike, provider: str = "auto", threads: int | None = None):
+        self.path = os.fspath(path)
+        self.name = os.path.basename(self.path)
+        if not os.path.isfile(self.path):
+            raise VggOnnxError(f"{self.path}: no such model file")
+        self.provider, reason = resolve_provider(provider)
+        try:
+            self.session = self._create(self.provider, threads)
+            if self.provider != "cpu" and self.session.get_providers()[0] != ORT_NAMES[self.provider]:
+                raise VggOnnxError(f"provider {self.provider} cannot run {self.path}: ONNX Runtime could not "
+                                   f"start it (it offered {', '.join(self.session.get_providers())})")
+        except VggOnnxError as e:
+            if provider != "auto" or self.provider == "cpu":
+                raise
+            # CUDA's libraries load but no device can be used: auto's documented choice is the CPU
+            self.provider, reason = "cpu", f"its libraries load, but {e}"
+            self.session = self._create("cpu", threads)
+        if provider == "auto":
+            announce(self.provider, reason)
+        self._check_interface()
+
+    def _create(self, provider: str, threads: int | None):
+        ort = _ort()
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # ORT's warnings about nodes placed on the CPU are noise here
+        if provider == "cpu":
+            self.threads = threads or available_cpus()
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        else:
+            self.threads = threads or 1
+        try:
+            return ort.InferenceSession(self.path, options, providers=_provider_list(provider))
+        except Exception as e:  # noqa: BLE001 - ORT raises its own types for corrupt files
+            message = " ".join(str(e).split())[:300]
+            what = "not a loadable ONNX model" if provider == "cpu" else f"cannot start on {provider}"
+            raise VggOnnxError(f"{self.path}: {what} ({message})") from None
+
+    def _check_interface(self):
+        props = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.info = ModelInfo.from_metadata_props(props, source=self.path)
+        inputs = [i.name for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        if inputs != [INPUT_NAME] or not {SCORES_NAME, PROBS_NAME} <= set(outputs):
+            raise VggOnnxError(f"{self.path}: expected input '{INPUT_NAME}' and outputs '{SCORES_NAME}', "
+                               f"'{PROBS_NAME}'; found {inputs} -> {outputs}")
+
+    def run(self, batch: np.ndarray, outputs=(PROBS_NAME,)) -> list[np.ndarray]:
+        """batch: float32 N x 3 x H x W, RGB 0..255. Returns the named outputs."""
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if self.provider == "cpu":
+            return self.session.run(list(outputs), {INPUT_NAME: batch})
+        # I/O binding: the input is copied to the device once and outputs come back without
+        # ONNX Runtime's intermediate host copies
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(INPUT_NAME, batch)
+        for name in outputs:
+            binding.bind_output(name, "cuda")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()

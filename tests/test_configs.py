@@ -1,0 +1,56 @@
+"""The configuration table: parameter counts (paper Table 1 / issue 2 §3), names, crop checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vgg_onnx.configs import config_names, check_crop, parse_config
+from vgg_onnx.errors import UsageError
+from vgg_onnx.train.model import VGG, count_parameters
+
+EXACT_COUNTS = {"A": 132_863_336, "A-LRN": 132_863_336, "B": 133_047_848, "C": 133_638_952,
+                "D": 138_357_544, "E": 143_667_240}
+FC_PARAMS = 123_642_856  # fc6 + fc7 + fc8 with 1000 classes, the same in every config
+
+
+def meta_model(config: str, **kwargs) -> VGG:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation time
+        return VGG(config, **kwargs)
+
+
+@pytest.mark.parametrize("config", list(EXACT_COUNTS))
+def test_parameter_counts_match_the_paper(config):
+    model = meta_model(config)
+    assert count_parameters(model) == EXACT_COUNTS[config]
+    assert sum(p.numel() for p in model.classifier.parameters()) == FC_PARAMS
+
+
+@pytest.mark.parametrize("config", ["A", "B", "C", "D", "E"])
+def test_batch_norm_variant_adds_scale_and_shift_per_channel(config):
+    channels = sum(c for _, c, _ in parse_config(config).conv_layers())
+    assert count_parameters(meta_model(config + "-BN")) == EXACT_COUNTS[config] + 2 * channels
+
+
+def test_caffe_layer_names_follow_blocks():
+    assert [n for n, _, _ in parse_config("D").conv_layers()][-3:] == ["conv5_1", "conv5_2", "conv5_3"]
+    assert [n for n, _, _ in parse_config("E").conv_layers()][-1] == "conv5_4"
+    c_layers = parse_config("C").conv_layers()
+    assert ("conv3_3", 256, 1) in c_layers and ("conv5_3", 512, 1) in c_layers
+    assert len(parse_config("A-LRN").conv_layers()) == 8
+
+
+def test_config_c_one_by_one_convs_have_no_padding():
+    convs = [m for m in meta_model("C").features if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.kernel_size, c.padding) for c in convs if c.kernel_size == (1, 1)] == [((1, 1), (0, 0))] * 3
+
+
+def test_config_names_and_errors():
+    assert parse_config("d-bn").name == "D-BN" and parse_config(" a-lrn ").name == "A-LRN"
+    assert "A-LRN-BN" not in config_names()
+    with pytest.raises(UsageError, match="valid configs: A, A-LRN, B, C, D, E"):
+        parse_config("F")
+    for crop in (0, 100, 230):
+        with pytest.raises(UsageError, match="multiple of 32"):
+            check_crop(crop)
+    assert check_crop(224) == 224

@@ -1,0 +1,256 @@
+"""The runtime's Python API: each evaluation method against a plain re-implementation, fusion,
+default scales, sessions and providers, FLOPs and the MatMul graph."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from conftest import export_small_model
+from vgg_onnx.errors import UsageError, VggOnnxError
+from vgg_onnx.preprocessing import load_image, rescale
+from vgg_onnx.runtime import session as session_module
+from vgg_onnx.runtime.evaluate import Evaluator, collect_images, top_k
+from vgg_onnx.runtime.flops import dense_flops
+from vgg_onnx.runtime.matmul import matmul_model_bytes, matmul_peak
+from vgg_onnx.runtime.session import ModelSession, gpu_library_problem
+
+
+@pytest.fixture(scope="session")
+def other_model(tmp_path_factory) -> Path:
+    """Different weights and training scale 128 (test scales 96, 128, 160), same 10 classes."""
+    return export_small_model(tmp_path_factory.mktemp("models") / "vgg_A_other.onnx", seed=1, train_scales=(128,))
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory) -> list[str]:
+    """Smooth random images of several sizes; two share a size so they share dense batches."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(3)
+    paths = []
+    for i, (h, w) in enumerate([(75, 100), (75, 100), (120, 90), (64, 64), (50, 170)]):
+        image = cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), (0, 0), 2)
+        path = folder / f"img{i}.png"
+        cv2.imwrite(str(path), image)
+        paths.append(str(path))
+    return paths
+
+
+def plain_probs(sess: ort.InferenceSession, image: np.ndarray) -> np.ndarray:
+    """One HxWx3 image through the graph on its own (N = 1)."""
+    x = image.transpose(2, 0, 1)[None].astype(np.float32)
+    return sess.run(["probs"], {"image": x})[0][0].astype(np.float64)
+
+
+def plain_dense(sess, image, scales, flip=True):
+    per_scale = []
+    for q in scales:
+        scaled = rescale(image, q)
+        views = [scaled, scaled[:, ::-1]] if flip else [scaled]
+        per_scale.append(np.mean([plain_probs(sess, v) for v in views], axis=0))
+    return np.mean(per_scale, axis=0)
+
+
+def plain_multi_crop(sess, image, scales, crop, flip=True):
+    posteriors = []
+    for q in scales:
+        scaled = rescale(image, q)
+        h, w = scaled.shape[:2]
+        lefts = [int(Fraction(i * (w - crop), 4) + Fraction(1, 2)) for i in range(5)]
+        tops = [int(Fraction(j * (h - crop), 4) + Fraction(1, 2)) for j in range(5)]
+        for top in tops:
+            for left in lefts:
+                c = scaled[top:top + crop, left:left + crop]
+                posteriors.append(plain_probs(sess, c))
+                if flip:
+                    posteriors.append(plain_probs(sess, c[:, ::-1]))
+    return np.mean(posteriors, axis=0)
+
+
+def ort_session(path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("flip", [True, False])
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_each_method_matches_a_plain_implementation(small_model, images, flip, batch_size):
+    sess = ort_session(small_model)
+    model = ModelSession(small_model, "cpu", threads=1)
+    scales = [64, 96, 128]
+    assert model.info.test_scales == scales  # trained at 96: {S-32, S, S+32}
+    evaluator = Evaluator([model], ("dense", "multi-crop", "both"), flip=flip, batch_size=batch_size)
+    results = list(evaluator.run(images, workers=2))
+    assert [r.path for r in results] == images
+    for path, result in zip(images, results):
+        assert result.error is None
+        image = load_image(path)
+        dense = plain_dense(sess, image, scales, flip)
+        crops = plain_multi_crop(sess, image, scales, 64, flip)
+        np.testing.assert_allclose(result.posteriors["dense"], dense, atol=2e-6)
+        np.testing.assert_allclose(result.posteriors["multi-crop"], crops, atol=2e-6)
+        np.testing.assert_allclose(result.posteriors["both"], (dense + crops) / 2, atol=2e-6)
+        assert abs(result.posteriors["both"].sum() - 1) < 1e-5
+
+
+def test_scales_override_and_fusion_use_each_models_own_scales(small_model, other_model, images):
+    a, b = ModelSession(small_model, "cpu"), ModelSession(other_model, "cpu")
+    assert b.info.test_scales == [96, 128, 160]
+    sa, sb = ort_session(small_model), ort_session(other_model)
+    fused = Evaluator([a, b], ("dense",))
+    for path, result in zip(images, fused.run(images)):
+        image = load_image(path)
+        pa, pb = plain_dense(sa, image, [64, 96, 128]), plain_dense(sb, image, [96, 128, 160])
+        np.testing.assert_allclose(result.model_posteriors[0]["dense"], pa, atol=2e-6)
+        np.testing.assert_allclose(result.model_posteriors[1]["dense"], pb, atol=2e-6)
+        np.testing.assert_allclose(result.posteriors["dense"], (pa + pb) / 2, atol=2e-6)
+    override = Evaluator([a, b], ("multi-crop",), scales=[80], flip=False)
+    result = next(override.run(images[:1]))
+    image = load_image(images[0])
+    expected = (plain_multi_crop(sa, image, [80], 64, False) + plain_multi_crop(sb, image, [80], 64, False)) / 2
+    np.testing.assert_allclose(result.posteriors["multi-crop"], expected, atol=2e-6)
+
+
+def test_scale_under_the_crop_is_a_usage_error(small_model):
+    with pytest.raises(UsageError, match="scale 63 is smaller than the model's crop size 64"):
+        Evaluator([ModelSession(small_model, "cpu")], scales=[63, 96])
+
+
+def test_fusion_needs_the_same_classes(small_model, tmp_path):
+    five = export_small_model(tmp_path / "five.onnx", num_classes=5)
+    with pytest.raises(UsageError, match="10 classes.*5 classes.*same class list"):
+        Evaluator([ModelSession(small_model, "cpu"), ModelSession(five, "cpu")])
+
+
+def test_bad_images_fail_alone(small_model, images, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    evaluator = Evaluator([ModelSession(small_model, "cpu")], ("dense",), batch_size=4)
+    results = list(evaluator.run([images[0], str(bad), images[1]]))
+    assert results[0].error is None and results[2].error is None
+    assert results[1].error == f"{bad}: not a supported image (JPEG, PNG, BMP, GIF, WebP, TIFF or PNM)"
+
+
+def test_heatmap_score_maps_are_the_largest_scale(small_model, images):
+    evaluator = Evaluator([ModelSession(small_model, "cpu")], ("multi-crop",), heatmap=True)
+    result = next(evaluator.run(images[:1]))  # 100 x 75 -> 171 x 128 at the largest scale
+    scores = ort_session(small_model).run(
+        ["scores"], {"image": rescale(load_image(images[0]), 128).transpose(2, 0, 1)[None].astype(np.float32)})[0]
+    assert result.score_maps[0].shape == scores.shape[1:] == (10, 3, 4)
+    np.testing.assert_allclose(result.score_maps[0], scores[0], rtol=1e-5, atol=1e-5)
+    assert result.image.shape == (75, 100, 3)
+
+
+def test_top_k_ties_go_to_the_lower_index():
+    assert top_k(np.array([0.1, 0.3, 0.3, 0.2, 0.1]), 3) == [1, 2, 3]
+
+
+def test_collect_images(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("a/x.jpg", "a/b/y.PNG", "a/notes.txt", "z.png"):
+        (tmp_path / name).write_bytes(b"")
+    found, missing = collect_images([str(tmp_path / "a"), str(tmp_path / "*.png"), str(tmp_path / "nope.jpg"),
+                                     str(tmp_path / "a" / "notes.txt")])
+    assert found == [str(tmp_path / "a" / "x.jpg"), str(tmp_path / "a" / "b" / "y.PNG"), str(tmp_path / "z.png"),
+                     str(tmp_path / "a" / "notes.txt")]
+    assert missing == [str(tmp_path / "nope.jpg")]
+
+
+# --- sessions --------------------------------------------------------------------------------
+
+def test_model_metadata_is_read(small_model):
+    model = ModelSession(small_model, "cpu", threads=1)
+    assert model.info.crop_size == 64 and model.info.num_classes == 10 and model.threads == 1
+    assert model.provider == "cpu"
+
+
+def test_missing_corrupt_and_foreign_models(tmp_path, small_model):
+    import onnx
+
+    with pytest.raises(VggOnnxError, match="no such model file"):
+        ModelSession(tmp_path / "missing.onnx", "cpu")
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07garbage" * 50)
+    with pytest.raises(VggOnnxError, match="not a loadable ONNX model") as e:
+        ModelSession(corrupt, "cpu")
+    assert "\n" not in str(e.value)
+    foreign = tmp_path / "foreign.onnx"
+    proto = onnx.load(str(small_model))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(foreign))
+    with pytest.raises(VggOnnxError, match="no vgg-onnx metadata"):
+        ModelSession(foreign, "cpu")
+    matmul = tmp_path / "matmul.onnx"
+    matmul.write_bytes(matmul_model_bytes(2, 2, 2))
+    with pytest.raises(VggOnnxError, match="no vgg-onnx metadata"):
+        ModelSession(matmul, "cpu")
+
+
+@pytest.mark.parametrize("provider", ["cuda", "tensorrt"])
+def test_explicit_gpu_provider_never_falls_back(small_model, provider):
+    problem = gpu_library_problem(provider)
+    if problem is None:
+        pytest.skip(f"{provider} libraries load on this machine")
+    with pytest.raises(VggOnnxError, match=f"provider {provider} cannot run: "):
+        ModelSession(small_model, provider)
+
+
+def test_auto_says_once_which_provider(small_model, capsys, monkeypatch):
+    monkeypatch.setattr(session_module, "_announced", False)
+    first = ModelSession(small_model, "auto")
+    ModelSession(small_model, "auto")
+    err = capsys.readouterr().err
+    assert err.count("vgg-onnx: using the") == 1
+    assert f"using the {first.provider.upper()} provider" in err
+    if gpu_library_problem("cuda"):
+        assert first.provider == "cpu" and "CUDA unavailable" in err
+
+
+def test_gpu_that_onnxruntime_cannot_start(small_model, monkeypatch, capsys):
+    """Libraries that load but a session that ends up on the CPU: explicit cuda fails, auto
+    goes to the CPU and says why. (Simulated where the CUDA libraries do not load.)"""
+    if gpu_library_problem("cuda") is None:
+        pytest.skip("CUDA libraries load here: the real case, not the simulation")
+    monkeypatch.setattr(session_module, "gpu_library_problem", lambda provider: None)
+    monkeypatch.setattr(session_module, "_announced", False)
+    with pytest.raises(VggOnnxError, match="provider cuda cannot run .*could not start it"):
+        ModelSession(small_model, "cuda")
+    model = ModelSession(small_model, "auto")
+    assert model.provider == "cpu" and model.session.get_providers() == ["CPUExecutionProvider"]
+    assert "using the CPU provider (CUDA unavailable: its libraries load, but" in capsys.readouterr().err
+
+
+def test_unknown_provider(small_model):
+    with pytest.raises(UsageError, match="unknown provider"):
+        ModelSession(small_model, "tpu")
+
+
+# --- FLOPs and the MatMul graph ----------------------------------------------------------------
+
+def test_dense_flops_known_values_and_the_graph(small_model):
+    from vgg_onnx.export.flops import conv_flops  # counts from the graph itself: an independent check
+    from vgg_onnx.metadata import ModelInfo
+    from vgg_onnx.classes import default_classes
+    from vgg_onnx.preprocessing import normalization
+
+    vgg16 = ModelInfo("D", default_classes(1000), normalization("paper"))
+    assert dense_flops(vgg16, 224, 224) == 2 * 15_470_264_320  # VGG-16's well-known 15.47 G multiply-adds
+    info = ModelSession(small_model, "cpu").info
+    for h, w in [(64, 64), (96, 128), (130, 97)]:
+        assert dense_flops(info, h, w) == conv_flops(str(small_model), h, w)
+
+
+def test_matmul_graph_is_valid_onnx_and_measures():
+    import onnx
+
+    proto = onnx.load_from_string(matmul_model_bytes(3, 4, 5))
+    onnx.checker.check_model(proto, full_check=True)
+    assert [n.op_type for n in proto.graph.node] == ["MatMul"]
+    sess = ort.InferenceSession(matmul_model_bytes(3, 4, 5), providers=["CPUExecutionProvider"])
+    a, b = np.ones((3, 4), np.float32), np.full((4, 5), 2, np.float32)
+    np.testing.assert_array_equal(sess.run(None, {"A": a, "B": b})[0], a @ b)
+    assert matmul_peak(1, size=256, seconds=0.05) > 0.1

@@ -1,0 +1,72 @@
+"""--init-from: start a net from a trained one, as the paper started the deeper nets from net A.
+
+Different configs: the first four conv layers of the source (A: conv1_1, conv2_1, conv3_1,
+conv3_2) go to the layers of the same names in the target (whose shapes they match), and the
+three FC layers are copied; the rest keeps its random initialisation. Equal configs (S=384
+from S=256): every tensor whose shape matches is copied.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vgg_onnx.configs import Config, parse_config
+from vgg_onnx.errors import UsageError, VggOnnxError
+from vgg_onnx.metadata import ModelInfo
+
+from .checkpoint import json_path_for, load_weights, read_json
+from .model import VGG
+
+FIRST_CONVS = 4
+FC_KEYS = ("classifier.0", "classifier.3", "classifier.6")
+
+
+def conv_keys(config: Config) -> list[tuple[str, str]]:
+    """(Caffe name, state-dict prefix) of every conv, following make_features' module order."""
+    names = [name for name, _, _ in config.conv_layers()]
+    out, index = [], 0
+    for layer in config.layers:
+        if layer in ("M", "LRN"):
+            index += 1
+            continue
+        out.append((names[len(out)], f"features.{index}"))
+        index += 3 if config.batch_norm else 2  # conv, [batch norm], ReLU
+    return out
+
+
+def init_from_checkpoint(model: VGG, weights_path: str) -> str:
+    """Copy layers from a trained checkpoint (ours: weights + JSON beside them); returns what was done."""
+    json_path = json_path_for(weights_path)
+    info = ModelInfo.from_json_dict(read_json(json_path), json_path)
+    source = load_weights(weights_path)
+    source_config = parse_config(info.config)
+    target = model.state_dict()
+    if source_config == model.config:
+        copied = {k: v for k, v in source.items() if k in target and target[k].shape == v.shape}
+        skipped = sorted(set(target) - set(copied))
+        if not copied:
+            raise UsageError(f"--init-from {weights_path}: no tensor fits this model (width or classes differ)")
+        note = f"initialised all {len(copied)} matching tensors from {weights_path}"
+        note += f" (kept random: {', '.join(skipped)})" if skipped else ""
+    else:
+        target_prefixes = dict(conv_keys(model.config))
+        pairs = [(name, src, target_prefixes.get(name)) for name, src in conv_keys(source_config)[:FIRST_CONVS]]
+        pairs += [(key, key, key) for key in FC_KEYS]
+        copied = {}
+        for name, src, dst in pairs:
+            if dst is None:
+                raise UsageError(f"--init-from {weights_path}: config {model.config.name} has no layer {name}")
+            for suffix in (".weight", ".bias"):
+                tensor = source.get(src + suffix)
+                if tensor is None:
+                    raise VggOnnxError(f"{weights_path}: missing {src + suffix} (not a VGG-{info.config} state dict)")
+                if tensor.shape != target[dst + suffix].shape:
+                    raise UsageError(f"--init-from {weights_path}: {name} has shape {tuple(tensor.shape)}, this model "
+                                     f"needs {tuple(target[dst + suffix].shape)} (width, crop and classes must match)")
+                copied[dst + suffix] = tensor
+        note = (f"initialised {', '.join(n for n, _, _ in pairs[:FIRST_CONVS])}, fc6, fc7, fc8 from "
+                f"VGG-{info.config} {weights_path}; other layers random")
+    with torch.no_grad():
+        for key, tensor in copied.items():
+            target[key].copy_(tensor)
+    return note

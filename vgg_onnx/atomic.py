@@ -6,7 +6,7 @@ import contextlib
 import os
 import tempfile
 
-from .errors import UsageError
+from .errors import UsageError, VggOnnxError
 
 
 def check_writable(path: str | os.PathLike) -> None:
@@ -17,8 +17,13 @@ def check_writable(path: str | os.PathLike) -> None:
     probe_dir = folder
     while not os.path.exists(probe_dir):  # folders we would create
         probe_dir = os.path.dirname(probe_dir)
-    if not os.path.isdir(probe_dir) or not os.access(probe_dir, os.W_OK | os.X_OK):
-        raise UsageError(f"{path}: cannot write there ({probe_dir} is not a writable folder)")
+    if not os.path.isdir(probe_dir):
+        raise UsageError(f"{path}: cannot write there ({probe_dir} is not a folder)")
+    try:  # a real file, not os.access: root passes access checks on read-only mounts and /proc
+        with tempfile.TemporaryFile(dir=probe_dir):
+            pass
+    except OSError as e:
+        raise UsageError(f"{path}: cannot write there (cannot create a file in {probe_dir}: {e.strerror or e})") from None
 
 
 @contextlib.contextmanager
@@ -26,8 +31,11 @@ def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path`."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    except OSError as e:
+        raise VggOnnxError(f"{path}: cannot write there ({e.strerror or e})") from None
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)

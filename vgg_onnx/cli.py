@@ -56,6 +56,10 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except VggOnnxError as e:
             fail(e)
+        except OSError as e:  # a file problem no command anticipated: still one line, not a traceback
+            where = f"{e.filename}: " if e.filename else ""
+            click.echo(f"vgg-onnx: error: {where}{e.strerror or e}", err=True)
+            sys.exit(1)
         except KeyboardInterrupt:
             click.echo("vgg-onnx: interrupted", err=True)
             sys.exit(130)

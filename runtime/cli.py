@@ -21,11 +21,30 @@ from .output import FORMATS, HeatmapWriter, OutputFile, RecordWriter, make_recor
 from .session import PROVIDERS
 
 
+DEFAULT_MODEL = os.path.join("models", "vgg_D.onnx")  # where `make export` and `make demo` write
+
+
+def resolve_models(models: tuple[str, ...]) -> list[str]:
+    """--model, else $VGG_ONNX_MODEL, else models/vgg_D.onnx when it exists (said on stderr)."""
+    if models:
+        return list(models)
+    from_env = [m for m in os.environ.get("VGG_ONNX_MODEL", "").split(os.pathsep) if m]
+    if from_env:
+        return from_env
+    if os.path.isfile(DEFAULT_MODEL):
+        click.echo(f"vgg-onnx: no --model given: using {DEFAULT_MODEL}", err=True)
+        return [DEFAULT_MODEL]
+    raise UsageError(f"no model given: use --model FILE.onnx (repeatable) or set VGG_ONNX_MODEL "
+                     f"({DEFAULT_MODEL}, what `make export` writes, is not here)")
+
+
 def model_options(func):
     """Options every runtime command shares: models, scales, provider and the pipeline's knobs."""
     options = [
         click.option("--model", "-m", "models", multiple=True, metavar="FILE.onnx",
-                     help="Exported model; repeat to fuse several (their posteriors are averaged)."),
+                     help="Exported model; repeat to fuse several (their posteriors are averaged). "
+                          f"Default: $VGG_ONNX_MODEL (paths separated by '{os.pathsep}'), else {DEFAULT_MODEL} "
+                          "(what `make export` writes) when it exists."),
         click.option("--scales", metavar="Q[,Q...]",
                      help="Test scales (shorter side). Default: each model's own, from its metadata."),
         click.option("--no-flip", is_flag=True, help="Leave out the mirror images."),
@@ -99,6 +118,7 @@ def infer_command(paths, models, scales, no_flip, provider, threads, batch_size,
         heatmaps = HeatmapWriter(heatmap_dir) if heatmap_dir else None
     except OSError as e:
         raise UsageError(f"--heatmap {heatmap_dir}: cannot create the folder: {e.strerror or e}") from None
+    models = resolve_models(models)
     evaluator = build_evaluator(models, scales, no_flip, provider, threads, batch_size, workers, max_pixels,
                                 (method,), heatmap=bool(heatmap_dir))
     files, missing = collect_images(list(paths))
@@ -201,6 +221,7 @@ def eval_command(data_dir, models, scales, no_flip, provider, threads, batch_siz
         raise UsageError(f"--limit {limit} must be at least 1")
     if output:
         check_writable(output)
+    models = resolve_models(models)
     evaluator = build_evaluator(models, scales, no_flip, provider, threads, batch_size, workers, max_pixels,
                                 method_list)
     items = limit_round_robin(labelled_images(data_dir, evaluator.classes, labels_file), limit)
@@ -279,6 +300,7 @@ def bench_command(models, scales, no_flip, provider, threads, batch_size, worker
     if limit < 1 or repeat < 1:
         raise UsageError("--limit and --repeat must be at least 1")
     load_before = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    models = resolve_models(models)
     evaluator = build_evaluator(models, scales, no_flip, provider, threads, batch_size, workers, max_pixels,
                                 (method,))
     session = evaluator.sessions[0]

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import struct
 import subprocess
 import zlib
@@ -185,11 +186,28 @@ def test_fusion_through_the_cli(small_model, tmp_path):
     (["--heatmap", str(SAMPLES / "rocket.jpg" / "sub")], 2, "cannot create the folder"),
     (["--output", str(SAMPLES / "rocket.jpg" / "out.json")], 2, "cannot write there"),
 ])
-def test_usage_errors(small_model, args, code, message):
+def test_usage_errors(small_model, args, code, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no models/vgg_D.onnx to fall back on
+    monkeypatch.delenv("VGG_ONNX_MODEL", raising=False)
     model_args = [] if not args else ["--model", str(small_model)]
     result = infer(SAMPLES / "rocket.jpg", *model_args, *args)
     assert result.exit_code == code
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_default_model_from_environment_or_models_folder(small_model, tmp_path, monkeypatch):
+    sample = SAMPLES / "coffee.png"
+    expected = json.loads(infer(sample, "--model", small_model, "--format", "json").stdout)[0]["top_k"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VGG_ONNX_MODEL", str(small_model))
+    record = json.loads(infer(sample, "--format", "json").stdout)[0]
+    assert record["models"] == [str(small_model)] and record["top_k"] == expected
+    monkeypatch.delenv("VGG_ONNX_MODEL")
+    (tmp_path / "models").mkdir()
+    shutil.copy(small_model, tmp_path / "models" / "vgg_D.onnx")
+    result = infer(sample, "--format", "json")
+    assert result.exit_code == 0 and "using models/vgg_D.onnx" in result.stderr
+    assert json.loads(result.stdout)[0]["top_k"] == expected
 
 
 def test_folder_without_images(small_model, tmp_path):

@@ -34,8 +34,8 @@ def _int_list(text: str | None, option: str) -> list[int] | None:
 @click.option("--batch-size", default=256, show_default=True, help="Global batch, split evenly over the processes.")
 @click.option("--epochs", default=74, show_default=True, help="Stop after this many epochs at the latest.")
 @click.option("--lr", default=0.01, show_default=True, help="Initial learning rate.")
-@click.option("--momentum", default=0.9, show_default=True)
-@click.option("--weight-decay", default=5e-4, show_default=True)
+@click.option("--momentum", default=0.9, show_default=True, help="SGD momentum.")
+@click.option("--weight-decay", default=5e-4, show_default=True, help="L2 weight decay (SGD's weight_decay).")
 @click.option("--dropout", default=0.5, show_default=True, help="Dropout on the fc6 and fc7 outputs.")
 @click.option("--init", type=click.Choice(["gaussian", "glorot"]), default="gaussian", show_default=True,
               help="Random initialisation: Gaussian std 0.01 (the paper's) or Glorot.")

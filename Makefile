@@ -66,7 +66,7 @@ train: $(STAMP)
 	$(VGG) train --config $(MODEL) --data $(DATA) --out runs/$(MODEL) --epochs $(EPOCHS) $(if $(RESUME),--resume) $(TRAIN_ARGS)
 
 bench: $(STAMP)
-	$(VGG) bench --model $(OUT) --images ../shared/data/imagenet-samples
+	$(VGG) bench --model $(OUT) --scales 256,384,512 --images ../shared/data/imagenet-samples --limit 8
 
 clean:
 	rm -rf .make build *.egg-info .pytest_cache models runtime/cpp/build

@@ -1,6 +1,7 @@
 """FLOPs and score-map sizes of a compiled model, read from the ONNX graph alone (no torch).
 
-Used by `vgg-onnx inspect` and by the runtime's `bench` (effective GFLOP/s). A FLOP here is
+Used by `vgg-onnx inspect`; the runtime, which has no onnx, counts the same from the model's
+metadata (runtime/flops.py; a test keeps the two equal). A FLOP here is
 one multiply or one add: a conv costs 2 * out_h * out_w * C_out * C_in * k_h * k_w per image
 (the FC layers are convs in the compiled graph). ReLU, pooling, LRN and softmax are left out,
 as usual; they are well under 1% of VGG's work.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from vgg_onnx.configs import NUM_POOLS
+from vgg_onnx.configs import score_map_size  # noqa: F401 - re-exported for inspect and the tests
 
 
 def load_graph_structure(model):
@@ -75,12 +76,3 @@ def layer_flops(model, height: int, width: int) -> list[tuple[str, tuple[int, in
 def conv_flops(model, height: int, width: int) -> int:
     """FLOPs (2 x multiply-adds) of one height x width image through the graph's convolutions."""
     return sum(flops for _, _, flops in layer_flops(model, height, width))
-
-
-def score_map_size(height: int, width: int, crop: int) -> tuple[int, int]:
-    """(h, w) of the class score map for an HxW input: five halvings, then fc6's (crop/32)-wide conv."""
-    k = crop // 2 ** NUM_POOLS
-    h, w = height >> NUM_POOLS, width >> NUM_POOLS
-    if h < k or w < k:
-        raise ValueError(f"input {height}x{width} is smaller than the crop size {crop}")
-    return h - k + 1, w - k + 1

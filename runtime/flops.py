@@ -6,7 +6,7 @@ Counts the convolutions and the FC layers as convolutions (fc6 a (crop/32)^2 con
 
 from __future__ import annotations
 
-from vgg_onnx.configs import FC_WIDTH, NUM_POOLS, parse_config, scaled_channels
+from vgg_onnx.configs import FC_WIDTH, NUM_POOLS, parse_config, scaled_channels, score_map_size
 from vgg_onnx.metadata import ModelInfo
 
 
@@ -23,9 +23,7 @@ def dense_flops(info: ModelInfo, height: int, width: int) -> int:
             flops += 2 * channels * kernel * kernel * out * h * w  # padding keeps h x w
             channels = out
     k = info.crop_size // 2 ** NUM_POOLS
-    oh, ow = h - k + 1, w - k + 1
-    if oh < 1 or ow < 1:
-        raise ValueError(f"{width}x{height} input is smaller than the crop {info.crop_size}")
+    oh, ow = score_map_size(height, width, info.crop_size)
     hidden = scaled_channels(FC_WIDTH, info.width_mult)
     flops += 2 * channels * k * k * hidden * oh * ow  # fc6 as a k x k conv
     flops += 2 * hidden * hidden * oh * ow  # fc7 as a 1x1 conv

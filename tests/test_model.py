@@ -75,3 +75,14 @@ def test_initialisers():
     assert glorot.abs().max() <= bound and glorot.abs().max() > 0.9 * bound
     with pytest.raises(ValueError):
         init_weights(model, "he")
+
+
+@pytest.mark.parametrize("config", ["A", "A-LRN", "C", "E", "D-BN"])
+def test_config_state_keys_name_the_models_convs(config):
+    """The table's (Caffe name -> features.<i>) map, used by weight import and --init-from,
+    points at exactly the model's conv layers, in order."""
+    model = VGG(config, 10, 0.125, 64)
+    convs = [f"features.{i}" for i, m in enumerate(model.features) if isinstance(m, torch.nn.Conv2d)]
+    keys = model.config.conv_state_keys()
+    assert [prefix for _, prefix in keys] == convs
+    assert keys[0][0] == "conv1_1" and keys[-1][0] == model.config.conv_layers()[-1][0]

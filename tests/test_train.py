@@ -229,7 +229,7 @@ def test_ddp_two_processes_equal_one_process(tmp_path, shapes):
 def test_init_from_A_into_D_and_same_config(trained, tmp_path):
     import torch
 
-    from vgg_onnx.train.init import conv_keys, init_from_checkpoint
+    from vgg_onnx.train.init import init_from_checkpoint
     from vgg_onnx.train.model import VGG
 
     source = load_weights(trained / "best.safetensors")
@@ -237,8 +237,8 @@ def test_init_from_A_into_D_and_same_config(trained, tmp_path):
     before = {k: v.clone() for k, v in deep.state_dict().items()}
     note = init_from_checkpoint(deep, str(trained / "best.safetensors"))
     assert "conv1_1, conv2_1, conv3_1, conv3_2" in note
-    d_keys = dict(conv_keys(deep.config))
-    a_keys = dict(conv_keys(VGG("A", 4, 0.0625, 32).config))
+    d_keys = dict(deep.config.conv_state_keys())
+    a_keys = dict(VGG("A", 4, 0.0625, 32).config.conv_state_keys())
     state = deep.state_dict()
     for name in ("conv1_1", "conv2_1", "conv3_1", "conv3_2"):
         assert torch.equal(state[d_keys[name] + ".weight"], source[a_keys[name] + ".weight"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from vgg_onnx.configs import Config, parse_config
+from vgg_onnx.configs import parse_config
 from vgg_onnx.errors import UsageError, VggOnnxError
 from vgg_onnx.metadata import ModelInfo
 
@@ -19,19 +19,6 @@ from .model import VGG
 
 FIRST_CONVS = 4
 FC_KEYS = ("classifier.0", "classifier.3", "classifier.6")
-
-
-def conv_keys(config: Config) -> list[tuple[str, str]]:
-    """(Caffe name, state-dict prefix) of every conv, following make_features' module order."""
-    names = [name for name, _, _ in config.conv_layers()]
-    out, index = [], 0
-    for layer in config.layers:
-        if layer in ("M", "LRN"):
-            index += 1
-            continue
-        out.append((names[len(out)], f"features.{index}"))
-        index += 3 if config.batch_norm else 2  # conv, [batch norm], ReLU
-    return out
 
 
 def init_from_checkpoint(model: VGG, weights_path: str) -> str:
@@ -49,8 +36,8 @@ def init_from_checkpoint(model: VGG, weights_path: str) -> str:
         note = f"initialised all {len(copied)} matching tensors from {weights_path}"
         note += f" (kept random: {', '.join(skipped)})" if skipped else ""
     else:
-        target_prefixes = dict(conv_keys(model.config))
-        pairs = [(name, src, target_prefixes.get(name)) for name, src in conv_keys(source_config)[:FIRST_CONVS]]
+        target_prefixes = dict(model.config.conv_state_keys())
+        pairs = [(name, src, target_prefixes.get(name)) for name, src in source_config.conv_state_keys()[:FIRST_CONVS]]
         pairs += [(key, key, key) for key in FC_KEYS]
         copied = {}
         for name, src, dst in pairs:

@@ -26,6 +26,7 @@ import torch
 from vgg_onnx.configs import NUM_POOLS, Config, parse_config, scaled_channels
 from vgg_onnx.errors import UsageError, VggOnnxError
 from vgg_onnx.metadata import FORMAT_KEY, ModelInfo
+from vgg_onnx.train.checkpoint import WEIGHTS_SUFFIX, json_path_for
 from vgg_onnx.train.model import VGG
 
 FORMATS = ("auto", "torchvision", "caffe", "checkpoint")
@@ -56,10 +57,10 @@ def file_sha256(path: str) -> str:
 
 
 def checkpoint_json(path: str) -> str | None:
-    """X.safetensors -> X.json when that file exists and is ours."""
-    if not path.endswith(".safetensors"):
+    """X.safetensors -> X.json when that file exists (our checkpoints' layout, train/checkpoint.py)."""
+    if not path.endswith(WEIGHTS_SUFFIX):
         return None
-    json_path = path[: -len(".safetensors")] + ".json"
+    json_path = json_path_for(path)
     return json_path if os.path.isfile(json_path) else None
 
 
@@ -146,11 +147,8 @@ def caffe_to_torchvision(path: str, arrays: dict, config: Config) -> dict:
     """Caffe-named arrays -> torchvision keys for `config` (the first layer stays BGR)."""
     if config.batch_norm:
         raise UsageError(f"{path}: Caffe weights have no batch norm; use config {config.base}, not {config.name}")
-    conv_names = [name for name, _, _ in config.conv_layers()]
-    with torch.device("meta"):  # only the layer indices are needed
-        features = VGG(config, 1, 1 / 64, 32).features
-    conv_index = [i for i, m in enumerate(features) if isinstance(m, torch.nn.Conv2d)]
-    target = {name: f"features.{i}" for name, i in zip(conv_names, conv_index)}
+    target = dict(config.conv_state_keys())
+    conv_names = list(target)
     target.update(CAFFE_FC)
     out = {}
     for key, value in arrays.items():

@@ -54,6 +54,22 @@ class Config:
     def has_lrn(self) -> bool:
         return "LRN" in self.layers
 
+    def conv_state_keys(self) -> list[tuple[str, str]]:
+        """(Caffe name, torchvision state-dict prefix "features.<i>") of every conv, in order.
+
+        The module order is train.model.make_features': conv, [batch norm], ReLU per conv;
+        one module per "M" and "LRN".
+        """
+        names = [name for name, _, _ in self.conv_layers()]
+        out, index = [], 0
+        for layer in self.layers:
+            if layer in ("M", "LRN"):
+                index += 1
+                continue
+            out.append((names[len(out)], f"features.{index}"))
+            index += 3 if self.batch_norm else 2
+        return out
+
     def conv_layers(self) -> list[tuple[str, int, int]]:
         """(caffe name, out channels, kernel size) of every conv, in order."""
         out, block, pos = [], 1, 0
@@ -85,6 +101,15 @@ def check_crop(crop: int) -> int:
     if crop < 32 or crop % 32:
         raise UsageError(f"crop size {crop} is not a positive multiple of 32 (the network's stride)")
     return crop
+
+
+def score_map_size(height: int, width: int, crop: int) -> tuple[int, int]:
+    """(h, w) of the class score map for an HxW input: five halvings, then fc6's (crop/32)-wide conv."""
+    k = crop // 2 ** NUM_POOLS
+    h, w = height >> NUM_POOLS, width >> NUM_POOLS
+    if h < k or w < k:
+        raise ValueError(f"input {height}x{width} is smaller than the crop size {crop}")
+    return h - k + 1, w - k + 1
 
 
 def scaled_channels(channels: int, width_mult: float) -> int:

@@ -23,9 +23,36 @@ COMMANDS = {
 }
 
 
+# the extra that brings each command's own packages (pyproject.toml's optional-dependencies)
+COMMAND_EXTRAS = {"export": "export", "train": "train", "stats": "train", "plot": "train"}
+# packages that come only with an extra: a ModuleNotFoundError of any other module is a bug, and
+# keeps its traceback
+EXTRA_PACKAGES = {"torch": None, "safetensors": None, "onnx": "export", "onnxsim": "export",
+                  "matplotlib": "train", "onnxruntime": "runtime"}
+
+
 def fail(error: VggOnnxError) -> "NoReturn":  # noqa: F821
     click.echo(f"vgg-onnx: error: {error}", err=True)
     sys.exit(error.exit_code)
+
+
+def missing_extra(command: str, error: ModuleNotFoundError) -> str | None:
+    """The extra that would bring the module `command` failed to import, or None if no extra has it."""
+    package = (error.name or "").split(".")[0]
+    if package not in EXTRA_PACKAGES:
+        return None
+    return EXTRA_PACKAGES[package] or COMMAND_EXTRAS.get(command, "runtime")
+
+
+def exit_for_missing_extra(command: str, error: ModuleNotFoundError) -> None:
+    """One line and exit 2 when an extra is missing; returns for any other missing module."""
+    extra = missing_extra(command, error)
+    if extra is None:
+        return
+    also = " (or '.[runtime-cpu]' without a GPU)" if extra == "runtime" else ""
+    click.echo(f"vgg-onnx: error: {command} needs the {extra} extra: pip install '.[{extra}]'{also} "
+               f"({error.name} is not installed)", err=True)
+    sys.exit(2)
 
 
 class LazyGroup(click.Group):
@@ -38,12 +65,9 @@ class LazyGroup(click.Group):
         module_name, attr, _ = COMMANDS[name]
         try:
             module = importlib.import_module(module_name)
-        except ImportError as e:
-            missing = e.name or str(e)
-            extra = module_name.split(".")[1]
-            click.echo(f"vgg-onnx: error: '{name}' needs {missing}, which is not installed: "
-                       f"pip install 'vgg-onnx[{extra}]'", err=True)
-            sys.exit(2)
+        except ModuleNotFoundError as e:
+            exit_for_missing_extra(name, e)
+            raise
         return getattr(module, attr)
 
     def format_commands(self, ctx, formatter):
@@ -56,6 +80,9 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except VggOnnxError as e:
             fail(e)
+        except ModuleNotFoundError as e:  # the commands import their extras' packages when they run
+            exit_for_missing_extra(ctx.invoked_subcommand or "vgg-onnx", e)
+            raise
         except OSError as e:  # a file problem no command anticipated: still one line, not a traceback
             where = f"{e.filename}: " if e.filename else ""
             click.echo(f"vgg-onnx: error: {where}{e.strerror or e}", err=True)

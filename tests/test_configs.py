@@ -48,9 +48,8 @@ def test_config_c_one_by_one_convs_have_no_padding():
 def test_config_names_and_errors():
     assert parse_config("d-bn").name == "D-BN" and parse_config(" a-lrn ").name == "A-LRN"
     assert "A-LRN-BN" not in config_names()
-    with pytest.raises(UsageError, match=r"valid configs: A \(11 layers, vgg11\); A-LRN \(11 layers\); "
-                                         r"B \(13 layers, vgg13\); C \(16 layers\); D \(16 layers, vgg16\); "
-                                         r"E \(19 layers, vgg19\)"):
+    with pytest.raises(UsageError, match=r"valid configs: A, A-LRN, B, C, D, E with 11, 11, 13, 16, 16, 19 "
+                                         r"weight layers \(torchvision's names: vgg11=A, vgg13=B, vgg16=D, vgg19=E\)"):
         parse_config("F")
     for crop in (0, 100, 230):
         with pytest.raises(UsageError, match="multiple of 32"):

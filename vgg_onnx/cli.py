@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 import click
@@ -23,11 +24,14 @@ COMMANDS = {
 }
 
 
-# the extra that brings each command's own packages (pyproject.toml's optional-dependencies)
-COMMAND_EXTRAS = {"export": "export", "train": "train", "stats": "train", "plot": "train"}
-# packages that come only with an extra: a ModuleNotFoundError of any other module is a bug, and
-# keeps its traceback
-EXTRA_PACKAGES = {"torch": None, "safetensors": None, "onnx": "export", "onnxsim": "export",
+# the extra each command needs beyond the core, and the packages that extra brings
+# (pyproject.toml's optional-dependencies); checked before the command runs
+COMMAND_EXTRAS = {"export": "export", "inspect": "runtime", "infer": "runtime", "eval": "runtime",
+                  "bench": "runtime", "train": "train", "stats": "train", "plot": "train"}
+EXTRA_PACKAGES = {"runtime": ("onnxruntime",), "export": ("torch", "onnx", "onnxsim", "safetensors", "onnxruntime"),
+                  "train": ("torch", "safetensors", "matplotlib")}
+# a ModuleNotFoundError of any other module is a bug, and keeps its traceback
+PACKAGE_EXTRAS = {"torch": None, "safetensors": None, "onnx": "export", "onnxsim": "export",
                   "matplotlib": "train", "onnxruntime": "runtime"}
 
 
@@ -36,23 +40,36 @@ def fail(error: VggOnnxError) -> "NoReturn":  # noqa: F821
     sys.exit(error.exit_code)
 
 
-def missing_extra(command: str, error: ModuleNotFoundError) -> str | None:
-    """The extra that would bring the module `command` failed to import, or None if no extra has it."""
-    package = (error.name or "").split(".")[0]
-    if package not in EXTRA_PACKAGES:
-        return None
-    return EXTRA_PACKAGES[package] or COMMAND_EXTRAS.get(command, "runtime")
+def installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def exit_needing_extra(command: str, extra: str, package: str) -> "NoReturn":  # noqa: F821
+    also = " (or '.[runtime-cpu]' on a machine without an NVIDIA GPU)" if extra == "runtime" else ""
+    click.echo(f"vgg-onnx: error: {command} needs the {extra} extra: pip install '.[{extra}]'{also} "
+               f"({package} is not installed)", err=True)
+    sys.exit(2)
+
+
+def check_extra(command: str) -> None:
+    """Exit 2 with one line when a package of the command's extra is not installed."""
+    extra = COMMAND_EXTRAS.get(command)
+    for package in EXTRA_PACKAGES.get(extra, ()):
+        if not installed(package):
+            exit_needing_extra(command, "runtime" if package == "onnxruntime" else extra, package)
 
 
 def exit_for_missing_extra(command: str, error: ModuleNotFoundError) -> None:
-    """One line and exit 2 when an extra is missing; returns for any other missing module."""
-    extra = missing_extra(command, error)
-    if extra is None:
-        return
-    also = " (or '.[runtime-cpu]' without a GPU)" if extra == "runtime" else ""
-    click.echo(f"vgg-onnx: error: {command} needs the {extra} extra: pip install '.[{extra}]'{also} "
-               f"({error.name} is not installed)", err=True)
-    sys.exit(2)
+    """The same line for an extra's package that fails to import after all; returns for any other module."""
+    package = (error.name or "").split(".")[0]
+    if package in PACKAGE_EXTRAS:
+        exit_needing_extra(command, PACKAGE_EXTRAS[package] or COMMAND_EXTRAS.get(command, "runtime"), package)
+
+
+HELP_REQUESTED = {"-h", "--help"}
 
 
 class LazyGroup(click.Group):
@@ -69,6 +86,12 @@ class LazyGroup(click.Group):
             exit_for_missing_extra(name, e)
             raise
         return getattr(module, attr)
+
+    def resolve_command(self, ctx, args):
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None and not HELP_REQUESTED & set(rest):  # `COMMAND --help` works without the extra
+            check_extra(name)
+        return name, command, rest
 
     def format_commands(self, ctx, formatter):
         # the listing uses the table above: no stage (and no torch) is imported for `--help`

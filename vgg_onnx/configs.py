@@ -103,11 +103,10 @@ CONFIG_ALIASES.update({f"{name}_bn": f"{base}-BN" for base, name in TORCHVISION_
 
 def describe_configs() -> str:
     """The valid names with their depths, for error messages and help texts."""
-    parts = []
-    for base in CFGS:
-        alias = TORCHVISION_NAMES.get(base)
-        parts.append(f"{base} ({config_depth(base)} layers{', ' + alias if alias else ''})")
-    return "; ".join(parts) + "; each but A-LRN also as X-BN with batch norm (vgg11_bn ... vgg19_bn)"
+    depths = ", ".join(str(config_depth(base)) for base in CFGS)
+    aliases = ", ".join(f"{alias}={base}" for base, alias in TORCHVISION_NAMES.items())
+    return (f"{', '.join(CFGS)} with {depths} weight layers (torchvision's names: {aliases}); "
+            "X-BN or vgg16_bn etc. with batch norm (not A-LRN)")
 
 
 def parse_config(name: str) -> Config:

@@ -1,4 +1,4 @@
-"""The project's preprocessing conventions (PAPER.md §5), shared by training and the runtime.
+"""The project's preprocessing conventions (docs/protocol.md §5), shared by training and the runtime.
 
 numpy and OpenCV only. Every implementation (Python, the C++ and Node hosts) follows these
 rules so that all produce the same numbers; export records them in the model's metadata.

@@ -11,6 +11,8 @@ import click
 from . import __version__
 from .errors import VggOnnxError
 
+__all__ = ["COMMANDS", "main"]
+
 # name -> (module, attribute, one-line help shown by `vgg-onnx --help`)
 COMMANDS = {
     "export": ("vgg_onnx.export.cli", "export_command", "Compile a VGG net to one verified dynamic-shape ONNX graph."),

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import textwrap
+import time
 import venv
 from pathlib import Path
 
@@ -208,3 +209,70 @@ def test_protocol_doc_has_the_sections_the_code_cites():
     for file in [*(REPO / "vgg_onnx").rglob("*.py"), REPO / "README.md", REPO / "export" / "cli.py"]:
         cited |= set(re.findall(r"docs/protocol\.md §(\d)", file.read_text(encoding="utf-8")))
     assert cited and cited <= {n for n, _ in headings}
+
+
+def test_inspect_reads_the_json_beside_a_model_without_metadata(small_model, tmp_path):
+    """Hosts that strip metadata_props keep the JSON copy; a foreign graph is still counted from its layers."""
+    import onnx
+
+    from vgg_onnx.export.inspect import describe
+
+    proto = onnx.load(str(small_model))
+    props = {p.key: p.value for p in proto.metadata_props}
+    del proto.metadata_props[:]
+    onnx.save(proto, str(tmp_path / "plain.onnx"))
+    foreign = describe(str(tmp_path / "plain.onnx"), (96, 128))
+    assert foreign["config"] is None and foreign["metadata"] == {}
+    with_sidecar = describe(str(small_model), (96, 128))
+    assert foreign["at_size"]["flops"] == with_sidecar["at_size"]["flops"]
+    assert foreign["parameters"] == with_sidecar["parameters"]
+
+    from vgg_onnx.metadata import ModelInfo
+
+    info = ModelInfo.from_metadata_props(props)
+    (tmp_path / "plain.json").write_text(json.dumps(info.to_json_dict()), encoding="utf-8")
+    described = describe(str(tmp_path / "plain.onnx"), (96, 128))
+    assert described["config"] == "A" and described["metadata"]["num_classes"] == 10
+    assert described["at_size"] == {**with_sidecar["at_size"]}
+
+
+# --- make demo rebuilds its model only when needed ----------------------------------------------
+
+def make_dry_run(tree: Path, *args: str) -> str:
+    result = subprocess.run(["make", "-n", "demo", f"PYTHON={PYTHON}", *args], cwd=tree, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_demo_compiles_the_model_only_when_missing_or_stale(tmp_path):
+    tree = copy_source(tmp_path / "clone")
+    shutil.copy(REPO / "Makefile", tree / "Makefile")
+    past = time.time() - 10_000  # the clone's files, an hour or more ago; make writes its stamps now
+
+    def age(path: Path, seconds: float) -> None:
+        os.utime(path, (past + seconds, past + seconds))
+
+    for path in tree.rglob("*"):
+        age(path, 0)
+    exports = "vgg_onnx export --config D"
+    assert exports in make_dry_run(tree)  # no model yet
+    model = tree / "models" / "vgg_D.onnx"
+    model.parent.mkdir()
+    model.write_bytes(b"")
+    output = make_dry_run(tree)  # the model was written after the weights stamp: up to date
+    assert exports not in output and "infer samples/ --model models/vgg_D.onnx --method dense" in output
+    assert "--method both" in output  # the next step, printed
+    weights = tmp_path / "vgg16.pth"
+    weights.write_bytes(b"")
+    age(weights, 0)
+    assert f"{exports} --weights {weights}" in make_dry_run(tree, f"WEIGHTS={weights}")  # other weights
+    model.touch()
+    assert exports not in make_dry_run(tree, f"WEIGHTS={weights}")
+    time.sleep(0.01)
+    assert exports in make_dry_run(tree)  # back to random weights: the file holds the other weights
+    model.touch()
+    assert exports not in make_dry_run(tree)
+    (tree / "export" / "compiler.py").touch()
+    assert exports in make_dry_run(tree)  # the compiler changed

@@ -3,7 +3,10 @@
 PYTHON ?= python3
 MODEL ?= D
 WEIGHTS ?=
-OUT ?= models/vgg_$(MODEL).onnx
+# the model file `make export` writes and `make bench` reads
+MODEL_FILE ?= models/vgg_$(MODEL).onnx
+# the images `make bench` runs on: the photos the repository ships, or any folder
+IMAGES ?= samples/
 DATA ?=
 EPOCHS ?= 74
 TRAIN_ARGS ?=
@@ -14,11 +17,12 @@ PYID := $(shell $(PYTHON) -c "import sys, hashlib; print(hashlib.md5(sys.prefix.
 STAMP := .make/installed-$(PYID)
 VGG := $(PYTHON) -m vgg_onnx
 
-.PHONY: install test export demo train bench torchvision-env host-deps clean help
+.PHONY: install test export demo train bench wheel torchvision-env host-deps clean help
 
 help:
-	@echo "make demo | make test | make export MODEL=D [WEIGHTS=file] [OUT=file] | make train MODEL=A DATA=dir"
-	@echo "make install | make bench | make torchvision-env | make host-deps | make clean"
+	@echo "make demo | make test | make export MODEL=D [WEIGHTS=file] [MODEL_FILE=file] | make train MODEL=A DATA=dir"
+	@echo "make bench [MODEL_FILE=file] [IMAGES=dir] | make wheel | make install | make torchvision-env"
+	@echo "make host-deps | make clean"
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYID)" || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 2; }
@@ -55,18 +59,37 @@ test: $(STAMP) torchvision-env host-deps
 	VGG_ONNX_TORCHVISION_PYTHON=$(TORCHVISION_VENV)/bin/python $(PYTHON) -m pytest -q
 
 export: $(STAMP)
-	$(VGG) export --config $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) --out $(OUT)
+	$(VGG) export --config $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) --out $(MODEL_FILE)
 
-demo: $(STAMP)
-	$(VGG) export --config D $(if $(WEIGHTS),--weights $(WEIGHTS)) --out models/vgg_D.onnx
-	$(VGG) infer samples/ --model models/vgg_D.onnx --scales 256,384,512 --method both
+# The demo's model is rebuilt only when it is missing, when the code that compiles it changed, or
+# when WEIGHTS names other weights (recorded in a stamp rewritten only when its value changes).
+DEMO_MODEL := models/vgg_D.onnx
+DEMO_WEIGHTS_STAMP := .make/demo-weights
+EXPORT_SOURCES := $(wildcard export/*.py train/model.py train/weights.py train/init.py vgg_onnx/*.py vgg_onnx/data/*)
+$(shell mkdir -p .make && { echo '$(WEIGHTS)' | cmp -s - $(DEMO_WEIGHTS_STAMP) || echo '$(WEIGHTS)' > $(DEMO_WEIGHTS_STAMP); })
+
+$(DEMO_MODEL): $(EXPORT_SOURCES) $(DEMO_WEIGHTS_STAMP) $(WEIGHTS) | $(STAMP)
+	$(VGG) export --config D $(if $(WEIGHTS),--weights $(WEIGHTS)) --out $@
+
+# dense evaluation at the model's three test scales: about 2 minutes on 2 CPU cores, export included
+demo: $(DEMO_MODEL)
+	$(VGG) infer samples/ --model $(DEMO_MODEL) --method dense
+	@echo "next, the paper's full protocol (dense + 150 crops per image: about 15 times the work of dense):"
+	@echo "  $(VGG) infer samples/ --model $(DEMO_MODEL) --method both"
 
 train: $(STAMP)
 	@test -n "$(DATA)" || { echo "make train: set DATA=folder with train/ and val/"; exit 2; }
 	$(VGG) train --config $(MODEL) --data $(DATA) --out runs/$(MODEL) --epochs $(EPOCHS) $(if $(RESUME),--resume) $(TRAIN_ARGS)
 
 bench: $(STAMP)
-	$(VGG) bench --model $(OUT) --scales 256,384,512 --images ../shared/data/imagenet-samples --limit 8
+	@test -f $(MODEL_FILE) || { echo "make bench: $(MODEL_FILE) is missing: make export MODEL=$(MODEL) first"; exit 2; }
+	$(VGG) bench --model $(MODEL_FILE) --scales 256,384,512 --images $(IMAGES) --limit 8
+
+# a wheel of the package in dist/, to install elsewhere: pip install 'dist/vgg_onnx-VERSION-py3-none-any.whl[runtime]'
+wheel:
+	$(PYTHON) -m pip wheel --no-deps --quiet --wheel-dir dist .
+	@rm -rf build
+	@ls dist/vgg_onnx-*.whl
 
 clean:
-	rm -rf .make build *.egg-info .pytest_cache models runtime/cpp/build
+	rm -rf .make build dist *.egg-info .pytest_cache models runtime/cpp/build

@@ -7,7 +7,7 @@ import json
 
 import click
 
-from vgg_onnx.configs import config_names
+from vgg_onnx.configs import describe_configs
 from vgg_onnx.preprocessing import NORMALIZATIONS, parse_scales
 
 WEIGHT_FORMATS = ("auto", "torchvision", "caffe", "checkpoint")
@@ -15,7 +15,7 @@ WEIGHT_FORMATS = ("auto", "torchvision", "caffe", "checkpoint")
 
 @click.command("export", context_settings={"max_content_width": 100})
 @click.option("--config", "config", metavar="NAME",
-              help=f"Network configuration (paper Table 1, plus batch-norm variants): {', '.join(config_names())}. "
+              help=f"Network configuration (paper Table 1, plus batch-norm variants): {describe_configs()}. "
                    "Required unless --weights is one of our checkpoints, whose JSON names it.")
 @click.option("--weights", type=click.Path(dir_okay=False), metavar="FILE",
               help="Weights to compile: a torchvision state dict (.pth/.pt), Caffe-named arrays (.npz, "

@@ -1,6 +1,6 @@
 """FLOPs and score-map sizes of a compiled model, read from the ONNX graph alone (no torch).
 
-Used by `vgg-onnx inspect`; the runtime, which has no onnx, counts the same from the model's
+Used by `vgg-onnx inspect` for graphs without our metadata; the runtime, which has no onnx, counts the same from the model's
 metadata (runtime/flops.py; a test keeps the two equal). A FLOP here is
 one multiply or one add: a conv costs 2 * out_h * out_w * C_out * C_in * k_h * k_w per image
 (the FC layers are convs in the compiled graph). ReLU, pooling, LRN and softmax are left out,
@@ -9,6 +9,7 @@ as usual; they are well under 1% of VGG's work.
 
 from __future__ import annotations
 
+import math
 import os
 
 from vgg_onnx.configs import score_map_size  # noqa: F401 - re-exported for inspect and the tests
@@ -71,6 +72,19 @@ def layer_flops(model, height: int, width: int) -> list[tuple[str, tuple[int, in
         for output in node.output:
             sizes[output] = (h, w)
     return out
+
+
+def conv_parameters(model) -> int:
+    """Weights and biases of the graph's convolutions (the FC layers are convolutions here), counted
+    per use: onnxsim may merge identical tensors (all-zero biases) into one initializer."""
+    graph = load_graph_structure(model).graph
+    shapes = {t.name: list(t.dims) for t in graph.initializer}
+    count = 0
+    for node in graph.node:
+        if node.op_type == "Conv":
+            for name in node.input[1:]:
+                count += math.prod(shapes.get(name, [0]))
+    return count
 
 
 def conv_flops(model, height: int, width: int) -> int:

@@ -1,12 +1,20 @@
-"""What an exported model is: its interface, metadata, parameters and, at a size, FLOPs (onnx only, no torch)."""
+"""What an exported model is: its interface, metadata, parameters and, at a size, FLOPs.
+
+Reads the model with ONNX Runtime (the runtime extra: no torch, no onnx), the metadata from the
+graph or the JSON beside it, and counts FLOPs from the metadata (runtime/flops.py). A graph
+without our metadata is followed layer by layer when the onnx package is installed.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 
+from vgg_onnx.configs import score_map_size
 from vgg_onnx.errors import UsageError, VggOnnxError
-from vgg_onnx.export.flops import layer_flops, score_map_size
-from vgg_onnx.metadata import FORMAT_KEY, ModelInfo
+from vgg_onnx.metadata import FORMAT_KEY, ModelInfo, sidecar_path
+
+__all__ = ["describe", "format_table", "parse_size"]
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -23,66 +31,110 @@ def parse_size(text: str) -> tuple[int, int]:
     return values[0], values[1]
 
 
-def _value_info(value) -> dict:
-    tensor = value.type.tensor_type
-    dims = [d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else "?")
-            for d in tensor.shape.dim]
-    from onnx import TensorProto
+# onnxruntime's type strings -> ONNX's element type names, as `inspect` has always printed them
+ORT_TYPES = {"tensor(float)": "float", "tensor(float16)": "float16", "tensor(double)": "double",
+             "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(uint8)": "uint8"}
 
-    return {"name": value.name, "type": TensorProto.DataType.Name(tensor.elem_type).lower(), "shape": dims}
+
+def _value_info(value) -> dict:
+    shape = [d if d is not None else "?" for d in value.shape]
+    return {"name": value.name, "type": ORT_TYPES.get(value.type, value.type), "shape": shape}
+
+
+def _open_session(path: str):
+    """An ONNX Runtime session on the CPU: the runtime extra alone reads the model (no onnx package)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # only reading it
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf / InvalidGraph
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise VggOnnxError(f"{path}: not an ONNX model, or truncated ({reason})") from None
+
+
+def _model_info(path: str, props: dict[str, str]) -> ModelInfo | None:
+    """The graph's metadata_props, else the JSON beside the model, else None (not one of ours)."""
+    if FORMAT_KEY in props:
+        return ModelInfo.from_metadata_props(props, path)
+    sidecar = sidecar_path(path)
+    if os.path.isfile(sidecar):
+        try:
+            with open(sidecar, encoding="utf-8") as f:
+                return ModelInfo.from_json_dict(json.load(f), sidecar)
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def _onnx_available() -> bool:
+    """Whether the onnx package (the export extra) is here to read a graph without our metadata."""
+    try:
+        import onnx  # noqa: F401
+    except ModuleNotFoundError:
+        return False
+    return True
+
+
+def _graph_layers(path: str, height: int, width: int) -> list:
+    from vgg_onnx.export.flops import layer_flops
+
+    try:
+        return layer_flops(path, height, width)
+    except (ValueError, KeyError, IndexError) as e:
+        raise VggOnnxError(f"{path}: cannot follow the graph at {height}x{width}: {e}") from None
+
+
+def _at_size(path: str, info: ModelInfo | None, height: int, width: int) -> dict:
+    result = {"height": height, "width": width}
+    if info is not None:
+        if height < info.crop_size or width < info.crop_size:
+            raise UsageError(f"--size {height}x{width} is smaller than the model's crop size {info.crop_size}")
+        from vgg_onnx.runtime.flops import dense_flops
+
+        result["flops"] = dense_flops(info, height, width)
+        result["score_map"] = list(score_map_size(height, width, info.crop_size))
+        return result
+    if not _onnx_available():  # a foreign graph is followed with onnx only
+        result.update(flops=None, score_map=None)
+        return result
+    layers = _graph_layers(path, height, width)
+    result["flops"] = sum(f for _, _, f in layers)
+    result["score_map"] = list(layers[-1][1])
+    result["layers"] = [{"name": n, "output": list(s), "flops": f} for n, s, f in layers]
+    return result
 
 
 def describe(path: str, size: tuple[int, int] | None = None) -> dict:
-    import onnx
-
+    """Everything `vgg-onnx inspect` shows about the model at `path`, as a JSON-ready dict; with
+    `size` (height, width) also the FLOPs and score-map size of one image of that size."""
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such file")
-    try:
-        proto = onnx.load(path)
-    except Exception as e:  # protobuf's DecodeError and friends
-        raise VggOnnxError(f"{path}: not an ONNX model, or truncated ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    graph = proto.graph
-    initializers = {t.name: t for t in graph.initializer}
-    # per conv use: onnxsim may merge identical tensors (all-zero biases) into one initializer
-    count = 0
-    for node in graph.node:
-        if node.op_type == "Conv":
-            for name in node.input[1:]:
-                if name in initializers:
-                    n = 1
-                    for d in initializers[name].dims:
-                        n *= d
-                    count += n
-    props = {p.key: p.value for p in proto.metadata_props}
-    info = ModelInfo.from_metadata_props(props, path) if FORMAT_KEY in props else None  # others' models too
+    if os.path.getsize(path) == 0:
+        raise VggOnnxError(f"{path}: not an ONNX model (the file is empty)")
+    session = _open_session(path)
+    meta = session.get_modelmeta()
+    info = _model_info(path, dict(meta.custom_metadata_map))
+    if info is not None:
+        parameters = info.param_count
+    else:
+        from vgg_onnx.export.flops import conv_parameters
+
+        parameters = conv_parameters(path) if _onnx_available() else None
     result = {
         "file": path,
         "size_bytes": os.path.getsize(path),
         "config": info.config if info else None,
-        "parameters": count,
-        "ir_version": proto.ir_version,
-        "opsets": {o.domain or "ai.onnx": o.version for o in proto.opset_import},
-        "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
-        "inputs": [_value_info(v) for v in graph.input if v.name not in initializers],
-        "outputs": [_value_info(v) for v in graph.output],
-        "nodes": len(graph.node),
+        "parameters": parameters,
+        "producer": meta.producer_name,
+        "inputs": [_value_info(v) for v in session.get_inputs()],
+        "outputs": [_value_info(v) for v in session.get_outputs()],
         "metadata": info.to_json_dict() if info else {},
     }
     if size is not None:
-        height, width = size
-        crop = info.crop_size if info else None
-        if crop and (height < crop or width < crop):
-            raise UsageError(f"--size {height}x{width} is smaller than the model's crop size {crop}")
-        try:
-            layers = layer_flops(proto, height, width)
-        except (ValueError, KeyError, IndexError) as e:
-            raise VggOnnxError(f"{path}: cannot follow the graph at {height}x{width}: {e}") from None
-        result["at_size"] = {
-            "height": height, "width": width,
-            "flops": sum(f for _, _, f in layers),
-            "score_map": list(score_map_size(height, width, crop) if crop else layers[-1][1]),
-            "layers": [{"name": n, "output": list(s), "flops": f} for n, s, f in layers],
-        }
+        result["at_size"] = _at_size(path, info, *size)
     return result
 
 
@@ -91,9 +143,9 @@ def format_table(d: dict) -> str:
     lines = [
         f"model        {d['file']} ({d['size_bytes'] / 2**20:.1f} MiB)",
         f"config       VGG-{d['config']}" if d["config"] else "config       (no vgg-onnx metadata)",
-        f"parameters   {d['parameters']:,} (conv and FC-as-conv weights and biases)",
-        f"format       IR {d['ir_version']}, opset {', '.join(f'{k} {v}' for k, v in d['opsets'].items())}, "
-        f"{d['nodes']} nodes, by {d['producer'] or '?'}",
+        f"parameters   {d['parameters']:,} (conv and FC-as-conv weights and biases)" if d["parameters"] is not None
+        else "parameters   unknown (no vgg-onnx metadata; the export extra counts them from the graph)",
+        f"producer     {d['producer'] or '?'}",
     ]
     for kind in ("inputs", "outputs"):
         for v in d[kind]:
@@ -114,8 +166,11 @@ def format_table(d: dict) -> str:
         ]
     if "at_size" in d:
         a = d["at_size"]
-        lines += [
-            f"at {a['height']}x{a['width']}   {a['flops'] / 1e9:.2f} GFLOPs per image "
-            f"({a['flops'] / 2e9:.2f} G multiply-adds); score map {a['score_map'][0]} x {a['score_map'][1]}",
-        ]
+        if a["flops"] is None:
+            lines.append(f"at {a['height']}x{a['width']}   FLOPs unknown (no vgg-onnx metadata; the export extra "
+                         "follows the graph)")
+        else:
+            lines.append(f"at {a['height']}x{a['width']}   {a['flops'] / 1e9:.2f} GFLOPs per image "
+                         f"({a['flops'] / 2e9:.2f} G multiply-adds); "
+                         f"score map {a['score_map'][0]} x {a['score_map'][1]}")
     return "\n".join(lines)

@@ -1,11 +1,11 @@
-"""The configuration table: parameter counts (paper Table 1 / issue 2 §3), names, crop checks."""
+"""The configuration table: parameter counts (docs/protocol.md §1), names and aliases, crop checks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from vgg_onnx.configs import config_names, check_crop, parse_config
+from vgg_onnx.configs import check_crop, config_depth, config_names, parse_config
 from vgg_onnx.errors import UsageError
 from vgg_onnx.train.model import VGG, count_parameters
 
@@ -48,9 +48,22 @@ def test_config_c_one_by_one_convs_have_no_padding():
 def test_config_names_and_errors():
     assert parse_config("d-bn").name == "D-BN" and parse_config(" a-lrn ").name == "A-LRN"
     assert "A-LRN-BN" not in config_names()
-    with pytest.raises(UsageError, match="valid configs: A, A-LRN, B, C, D, E"):
+    with pytest.raises(UsageError, match=r"valid configs: A, A-LRN, B, C, D, E with 11, 11, 13, 16, 16, 19 "
+                                         r"weight layers \(torchvision's names: vgg11=A, vgg13=B, vgg16=D, vgg19=E\)"):
         parse_config("F")
     for crop in (0, 100, 230):
         with pytest.raises(UsageError, match="multiple of 32"):
             check_crop(crop)
     assert check_crop(224) == 224
+
+
+@pytest.mark.parametrize("alias, name", [("vgg11", "A"), ("vgg13", "B"), ("VGG16", "D"), ("vgg19", "E"),
+                                         ("vgg11_bn", "A-BN"), ("vgg16_bn", "D-BN"), (" vgg19_BN ", "E-BN")])
+def test_torchvision_names_are_aliases(alias, name):
+    assert parse_config(alias) == parse_config(name)
+    assert parse_config(alias).name == name
+
+
+def test_depths_count_weight_layers():
+    assert {base: config_depth(base) for base in EXACT_COUNTS} == {"A": 11, "A-LRN": 11, "B": 13, "C": 16,
+                                                                    "D": 16, "E": 19}

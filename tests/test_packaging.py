@@ -86,3 +86,41 @@ def test_wheel_holds_only_the_vgg_onnx_namespace(tmp_path):
     for required in ("vgg_onnx/train/model.py", "vgg_onnx/train/weights.py", "vgg_onnx/export/compiler.py",
                      "vgg_onnx/export/cli.py", "vgg_onnx/runtime/__init__.py", "vgg_onnx/data/imagenet1k_classes.tsv"):
         assert required in names, required
+
+
+def resolved_extras() -> dict[str, set[str]]:
+    """Every extra of pyproject.toml with the extras it names expanded: {extra: requirement strings}."""
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+    def expand(name: str) -> set[str]:
+        out = set()
+        for requirement in extras[name]:
+            if requirement.startswith("vgg-onnx["):
+                for inner in requirement[len("vgg-onnx["):-1].split(","):
+                    out |= expand(inner.strip())
+            else:
+                out.add(requirement)
+        return out
+
+    return {name: expand(name) for name in extras}
+
+
+def test_no_extra_installs_both_onnxruntime_wheels():
+    """The GPU and CPU wheels install the same module: one extra must never bring both on one platform."""
+    from packaging.requirements import Requirement
+
+    platforms = [{"platform_system": "Linux", "platform_machine": "x86_64"},
+                 {"platform_system": "Linux", "platform_machine": "aarch64"},
+                 {"platform_system": "Darwin", "platform_machine": "arm64"},
+                 {"platform_system": "Windows", "platform_machine": "AMD64"}]
+    extras = resolved_extras()
+    for name, requirements in extras.items():
+        for platform in platforms:
+            wheels = {r.name for r in map(Requirement, requirements)
+                      if r.name.startswith("onnxruntime") and (r.marker is None or r.marker.evaluate(platform))}
+            assert len(wheels) <= 1, (name, platform, wheels)
+    assert {Requirement(r).name for r in extras["runtime-cpu"]} == {"onnxruntime"}
+    assert not any(Requirement(r).name == "onnxruntime-gpu" for r in extras["all-cpu"])
+    assert not any(Requirement(r).name.startswith("torch") for r in extras["runtime"] | extras["runtime-cpu"])

@@ -10,6 +10,9 @@ import functools
 from dataclasses import asdict, dataclass
 from importlib import resources
 
+__all__ = ["ClassInfo", "classes_from_dicts", "classes_from_folders", "default_classes", "imagenet_classes",
+           "imagenet_synset_names"]
+
 
 @dataclass(frozen=True)
 class ClassInfo:

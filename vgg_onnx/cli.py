@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 import click
 
 from . import __version__
 from .errors import VggOnnxError
+
+__all__ = ["COMMANDS", "main"]
 
 # name -> (module, attribute, one-line help shown by `vgg-onnx --help`)
 COMMANDS = {
@@ -23,9 +26,52 @@ COMMANDS = {
 }
 
 
+# the extra each command needs beyond the core, and the packages that extra brings
+# (pyproject.toml's optional-dependencies); checked before the command runs
+COMMAND_EXTRAS = {"export": "export", "inspect": "runtime", "infer": "runtime", "eval": "runtime",
+                  "bench": "runtime", "train": "train", "stats": "train", "plot": "train"}
+EXTRA_PACKAGES = {"runtime": ("onnxruntime",), "export": ("torch", "onnx", "onnxsim", "safetensors", "onnxruntime"),
+                  "train": ("torch", "safetensors", "matplotlib")}
+# a ModuleNotFoundError of any other module is a bug, and keeps its traceback
+PACKAGE_EXTRAS = {"torch": None, "safetensors": None, "onnx": "export", "onnxsim": "export",
+                  "matplotlib": "train", "onnxruntime": "runtime"}
+
+
 def fail(error: VggOnnxError) -> "NoReturn":  # noqa: F821
     click.echo(f"vgg-onnx: error: {error}", err=True)
     sys.exit(error.exit_code)
+
+
+def installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def exit_needing_extra(command: str, extra: str, package: str) -> "NoReturn":  # noqa: F821
+    also = " (or '.[runtime-cpu]' on a machine without an NVIDIA GPU)" if extra == "runtime" else ""
+    click.echo(f"vgg-onnx: error: {command} needs the {extra} extra: pip install '.[{extra}]'{also} "
+               f"({package} is not installed)", err=True)
+    sys.exit(2)
+
+
+def check_extra(command: str) -> None:
+    """Exit 2 with one line when a package of the command's extra is not installed."""
+    extra = COMMAND_EXTRAS.get(command)
+    for package in EXTRA_PACKAGES.get(extra, ()):
+        if not installed(package):
+            exit_needing_extra(command, "runtime" if package == "onnxruntime" else extra, package)
+
+
+def exit_for_missing_extra(command: str, error: ModuleNotFoundError) -> None:
+    """The same line for an extra's package that fails to import after all; returns for any other module."""
+    package = (error.name or "").split(".")[0]
+    if package in PACKAGE_EXTRAS:
+        exit_needing_extra(command, PACKAGE_EXTRAS[package] or COMMAND_EXTRAS.get(command, "runtime"), package)
+
+
+HELP_REQUESTED = {"-h", "--help"}
 
 
 class LazyGroup(click.Group):
@@ -38,13 +84,16 @@ class LazyGroup(click.Group):
         module_name, attr, _ = COMMANDS[name]
         try:
             module = importlib.import_module(module_name)
-        except ImportError as e:
-            missing = e.name or str(e)
-            extra = module_name.split(".")[1]
-            click.echo(f"vgg-onnx: error: '{name}' needs {missing}, which is not installed: "
-                       f"pip install 'vgg-onnx[{extra}]'", err=True)
-            sys.exit(2)
+        except ModuleNotFoundError as e:
+            exit_for_missing_extra(name, e)
+            raise
         return getattr(module, attr)
+
+    def resolve_command(self, ctx, args):
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None and not HELP_REQUESTED & set(rest):  # `COMMAND --help` works without the extra
+            check_extra(name)
+        return name, command, rest
 
     def format_commands(self, ctx, formatter):
         # the listing uses the table above: no stage (and no torch) is imported for `--help`
@@ -56,6 +105,9 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except VggOnnxError as e:
             fail(e)
+        except ModuleNotFoundError as e:  # the commands import their extras' packages when they run
+            exit_for_missing_extra(ctx.invoked_subcommand or "vgg-onnx", e)
+            raise
         except OSError as e:  # a file problem no command anticipated: still one line, not a traceback
             where = f"{e.filename}: " if e.filename else ""
             click.echo(f"vgg-onnx: error: {where}{e.strerror or e}", err=True)

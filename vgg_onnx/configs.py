@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 from .errors import UsageError
 
+__all__ = ["CFGS", "CONFIG_ALIASES", "Config", "DEFAULT_CROP", "FC_WIDTH", "IMAGENET_CLASSES", "check_crop",
+           "config_depth", "config_names", "describe_configs", "parse_config", "scaled_channels", "score_map_size"]
+
 CFGS: dict[str, list] = {
     "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "A-LRN": [64, "LRN", "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
@@ -42,7 +45,7 @@ TORCHVISION_NAMES = {"A": "vgg11", "B": "vgg13", "D": "vgg16", "E": "vgg19"}
 class Config:
     """A parsed configuration name such as "D" or "D-BN"."""
 
-    name: str  # as the user wrote it, canonical case: "D-BN"
+    name: str  # canonical: "D-BN" for "d-bn" or "vgg16_bn"
     base: str  # the Table 1 column: "D"
     batch_norm: bool
 
@@ -88,13 +91,32 @@ def config_names() -> list[str]:
     return list(CFGS) + [f"{name}-BN" for name in CFGS if name != "A-LRN"]
 
 
+def config_depth(base: str) -> int:
+    """Weight layers of a Table 1 column: its convs plus the three FC layers (A: 11 ... E: 19)."""
+    return sum(1 for layer in CFGS[base] if layer not in ("M", "LRN")) + 3
+
+
+# torchvision's names, as people know them: vgg16 -> D, vgg16_bn -> D-BN
+CONFIG_ALIASES = {name: base for base, name in TORCHVISION_NAMES.items()}
+CONFIG_ALIASES.update({f"{name}_bn": f"{base}-BN" for base, name in TORCHVISION_NAMES.items()})
+
+
+def describe_configs() -> str:
+    """The valid names with their depths, for error messages and help texts."""
+    depths = ", ".join(str(config_depth(base)) for base in CFGS)
+    aliases = ", ".join(f"{alias}={base}" for base, alias in TORCHVISION_NAMES.items())
+    return (f"{', '.join(CFGS)} with {depths} weight layers (torchvision's names: {aliases}); "
+            "X-BN or vgg16_bn etc. with batch norm (not A-LRN)")
+
+
 def parse_config(name: str) -> Config:
-    canonical = name.strip().upper()
+    """A configuration by its Table 1 name ("D", "d-bn") or torchvision's ("vgg16", "vgg16_bn")."""
+    canonical = CONFIG_ALIASES.get(name.strip().lower(), name).strip().upper()
     if canonical.endswith("-BN") and canonical[:-3] in CFGS and canonical != "A-LRN-BN":
         return Config(canonical, canonical[:-3], True)
     if canonical in CFGS:
         return Config(canonical, canonical, False)
-    raise UsageError(f"unknown config {name!r}; valid configs: {', '.join(config_names())}")
+    raise UsageError(f"unknown config {name!r}; valid configs: {describe_configs()}")
 
 
 def check_crop(crop: int) -> int:

@@ -16,6 +16,8 @@ from .classes import ClassInfo, classes_from_dicts
 from .errors import VggOnnxError
 from .preprocessing import CONVENTIONS, Normalization, default_test_scales
 
+__all__ = ["FORMAT_KEY", "FORMAT_VERSION", "INPUT_NAME", "ModelInfo", "PROBS_NAME", "SCORES_NAME", "sidecar_path"]
+
 FORMAT_KEY = "vgg_onnx_format"
 FORMAT_VERSION = "1"
 

@@ -199,15 +199,22 @@ def test_explicit_gpu_provider_never_falls_back(small_model, provider):
         ModelSession(small_model, provider)
 
 
-def test_auto_says_once_which_provider(small_model, capsys, monkeypatch):
+@pytest.mark.parametrize("gpu_present", [True, False])
+def test_auto_says_once_which_provider(small_model, capsys, monkeypatch, gpu_present):
+    """Where an NVIDIA GPU exists but CUDA cannot run, auto says why; on a machine without any
+    NVIDIA GPU the CPU is no surprise: one short neutral line, no library error."""
     monkeypatch.setattr(session_module, "_announced", False)
+    monkeypatch.setattr(session_module, "has_nvidia_gpu", lambda: gpu_present)
     first = ModelSession(small_model, "auto")
     ModelSession(small_model, "auto")
     err = capsys.readouterr().err
     assert err.count("vgg-onnx: using the") == 1
     assert f"using the {first.provider.upper()} provider" in err
     if gpu_library_problem("cuda"):
-        assert first.provider == "cpu" and "CUDA unavailable" in err
+        assert first.provider == "cpu"
+        assert ("CUDA unavailable" in err) == gpu_present
+        if not gpu_present:
+            assert err == "vgg-onnx: using the CPU provider\n"
 
 
 def test_gpu_that_onnxruntime_cannot_start(small_model, monkeypatch, capsys):
@@ -216,6 +223,7 @@ def test_gpu_that_onnxruntime_cannot_start(small_model, monkeypatch, capsys):
     if gpu_library_problem("cuda") is None:
         pytest.skip("CUDA libraries load here: the real case, not the simulation")
     monkeypatch.setattr(session_module, "gpu_library_problem", lambda provider: None)
+    monkeypatch.setattr(session_module, "has_nvidia_gpu", lambda: True)
     monkeypatch.setattr(session_module, "_announced", False)
     with pytest.raises(VggOnnxError, match="provider cuda cannot run .*could not start it"):
         ModelSession(small_model, "cuda")

@@ -3,7 +3,9 @@
 concurrent.futures' pool joins its threads when the `with` block ends and again at interpreter
 exit, so one worker blocked for good (in open() on a FIFO, on a hung network mount) would keep
 Ctrl-C from ending the run. These workers are daemon threads that nobody joins: an interrupt
-ends the run at once and the process exits even while a worker is still blocked.
+ends the run at once and the process exits even while a worker is still blocked. A worker
+busy in ordinary work is given a second to finish its item when the run ends: a daemon thread
+still inside OpenCV's C++ code when the interpreter exits can abort the process.
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ from __future__ import annotations
 import concurrent.futures
 import queue
 import threading
+import time
 from collections import deque
 from typing import Callable, Iterable, Iterator, TypeVar
 
 __all__ = ["prefetch"]
+
+FINISH_SECONDS = 1.0  # how long an ended run waits for its workers' current items
 
 Item = TypeVar("Item")
 Out = TypeVar("Out")
@@ -40,8 +45,10 @@ def prefetch(function: Callable[[Item], Out], items: Iterable[Item], workers: in
     `workers` daemon threads. Closing the generator (or an exception in the consumer) cancels
     what has not started and leaves running calls to finish, or not, unwaited."""
     tasks: queue.SimpleQueue = queue.SimpleQueue()
-    for n in range(workers):
-        threading.Thread(target=_work, args=(tasks,), name=f"vgg-onnx-prep-{n}", daemon=True).start()
+    threads = [threading.Thread(target=_work, args=(tasks,), name=f"vgg-onnx-prep-{n}", daemon=True)
+               for n in range(workers)]
+    for thread in threads:
+        thread.start()
     pending: deque = deque()
     source = iter(items)
     try:
@@ -58,5 +65,8 @@ def prefetch(function: Callable[[Item], Out], items: Iterable[Item], workers: in
     finally:
         for future in pending:
             future.cancel()
-        for _ in range(workers):
+        for _ in threads:
             tasks.put(None)
+        deadline = time.monotonic() + FINISH_SECONDS
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))

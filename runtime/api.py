@@ -42,18 +42,24 @@ class Prediction(NamedTuple):
 class Classification:
     """One image's result: the posterior under one method, fused over the model's networks.
 
+    Fields: `source` (the path, or "<bytes #i>" / "<array #i>"), `method`, `scales` (every test
+    scale used, ascending), `models` (the model files, in fusion order), `classes` (the class
+    list), `posterior` (float64, one probability per class, summing to 1), `model_posteriors`
+    (each network's own posterior before fusion), `seconds` (decoding, rescaling and this
+    image's share of the network time), `error` and `score_maps`.
+
     `error` is set (and `posterior` is None) only for results of `Model.classify_many`, which
     goes on past bad images; `Model.classify` raises ImageError instead.
     """
 
-    source: str  # the path, or "<bytes #i>" / "<array #i>"
+    source: str
     method: str
     scales: tuple[int, ...]
     models: tuple[str, ...]
     classes: tuple[ClassInfo, ...]
-    posterior: np.ndarray | None  # float64 (classes,), sums to 1
-    model_posteriors: tuple[np.ndarray, ...] = ()  # each network's own posterior, before fusion
-    seconds: float = 0.0  # decoding, rescaling and this image's share of the network time
+    posterior: np.ndarray | None
+    model_posteriors: tuple[np.ndarray, ...] = ()
+    seconds: float = 0.0
     error: str | None = None
     score_maps: tuple[dict, ...] = field(default=(), repr=False)  # per network: scale -> classes x h x w
 

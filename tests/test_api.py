@@ -189,3 +189,17 @@ def test_public_names_are_documented():
     for name in protocol.__all__:
         if inspect.isfunction(getattr(protocol, name)):
             assert inspect.getdoc(getattr(protocol, name)), name
+
+
+def test_docs_api_is_generated_from_the_docstrings():
+    from vgg_onnx.runtime.apidoc import render
+
+    assert (REPO / "docs" / "api.md").read_text() == render(), \
+        "docs/api.md is stale: python -m vgg_onnx.runtime.apidoc > docs/api.md"
+    text = render()
+    for name in ("load_model", "fuse", "Model.classify", "Model.classify_many", "Classification.top_k",
+                 "Classification.score_map", "Prediction", "ImageError", "dense_posterior",
+                 "multi_crop_posterior", "multi_scale_posterior", "combine_dense_multi_crop", "fuse_posteriors"):
+        assert f"`{name}" in text, name
+    for field in ("`path`", "`top_k[].prob`", "`method`", "`scales`", "`models`", "`seconds`", "`heatmap`"):
+        assert f"| {field} |" in text, field

@@ -86,7 +86,7 @@ class Classification:
         return maps[scale]
 
 
-def _classification(result: ImageResult, method: str, evaluator: Evaluator, models: tuple[str, ...],
+def to_classification(result: ImageResult, method: str, evaluator: Evaluator, models: tuple[str, ...],
                     index: int = 0) -> Classification:
     common = dict(source=result.path, method=method, scales=tuple(evaluator.scales), models=models,
                   classes=tuple(evaluator.classes), seconds=result.seconds)
@@ -155,7 +155,7 @@ class Model:
         result = evaluator.evaluate([evaluator.prepare(0, image)])[0]
         if result.error is not None:
             raise ImageError(result.error)
-        return _classification(result, method, evaluator, self.paths)
+        return to_classification(result, method, evaluator, self.paths)
 
     def classify_many(self, images: Iterable[ImageInput], method: str = "dense",
                       scales: Sequence[int] | None = None, flip: bool = True, batch_size: int | None = None,
@@ -165,7 +165,7 @@ class Model:
         yields a Classification with `error` set and the run goes on. Arguments as `classify`."""
         evaluator = self.evaluator((method,), scales, flip, batch_size, score_maps)
         for result in evaluator.run(images, workers=workers):
-            yield _classification(result, method, evaluator, self.paths)
+            yield to_classification(result, method, evaluator, self.paths)
 
 
 def load_model(path: str | os.PathLike, provider: str = "auto", threads: int | None = None,

@@ -12,7 +12,7 @@ import click
 from vgg_onnx.atomic import check_writable
 from vgg_onnx.errors import UsageError, VggOnnxError
 
-from .api import _classification
+from .api import to_classification
 from .bench import bench_command
 from .cli_eval import eval_command
 from .evaluate import Evaluator, collect_images, top_k
@@ -40,7 +40,7 @@ def infer_records(evaluator: Evaluator, files: list[str], method: str, k: int, m
                   heatmaps: HeatmapWriter | None, workers: int):
     """Yield each image's record; a heatmap that cannot be written fails its image only."""
     for result in evaluator.run(files, workers):
-        classification = _classification(result, method, evaluator, tuple(models))
+        classification = to_classification(result, method, evaluator, tuple(models))
         heatmap = None
         if classification.ok and heatmaps:
             best = top_k(classification.posterior, 1)[0]

@@ -160,6 +160,9 @@ def test_heatmaps(small_model, tmp_path):
     assert sorted(os.listdir(tmp_path / "heat")) == ["camera.png", "rocket.png"]
     records = json.loads(result.stdout)
     assert [r["heatmap"] for r in records] == [str(tmp_path / "heat" / n) for n in ("rocket.png", "camera.png")]
+    documented = (REPO / "docs" / "api.md").read_text()
+    for key in list(records[0]) + [f"top_k[].{k}" for k in ENTRY_KEYS]:  # every field is documented
+        assert f"| `{key}` |" in documented, key
     heat = cv2.imread(str(tmp_path / "heat" / "rocket.png"))
     height, width = cv2.imread(str(SAMPLES / "rocket.jpg")).shape[:2]
     assert heat.shape == (height + 44, width, 3)  # the legend band beneath the image

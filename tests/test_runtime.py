@@ -319,3 +319,15 @@ def test_threads_are_bounded_by_the_cpus():
     for threads in (0, available_cpus() + 1, 100000):
         with pytest.raises(UsageError, match=f"--threads {threads} must be between 1 and {available_cpus()}"):
             check_threads(threads)
+
+
+def test_progress_moves_per_network_batch_and_counts_each_image_once(small_model, images, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"nothing")
+    shares: list[float] = []
+    evaluator = Evaluator([ModelSession(small_model, "cpu")], ("both",), batch_size=4, progress=shares.append)
+    results = list(evaluator.run(images + [str(bad)]))
+    assert sum(r.error is None for r in results) == len(images)
+    assert len(shares) > 4 * len(images)  # dense rows and 150 crops per image, 4 rows a batch
+    assert sum(shares) == pytest.approx(len(images) + 1)  # the failed image counts once too
+    assert all(s > 0 for s in shares)

@@ -12,8 +12,6 @@ import io
 import json
 import os
 
-import numpy as np
-
 from vgg_onnx.atomic import atomic_write_bytes
 
 from .api import Classification

@@ -1,36 +1,36 @@
-"""The paper's test protocol (PAPER.md §3, §5) over one or several compiled models.
+"""The scheduler that runs the paper's test protocol (protocol.py) over many images and models.
 
-Decoding, rescaling, mirroring and the crop grid come from vgg_onnx.preprocessing; this module
-only batches the network inputs and averages posteriors:
-- dense: per scale the image and its mirror, the mean of their `probs`; then the mean over scales;
-- multi-crop: per scale the 5x5 grid of crops and their mirrors; the mean over all of them;
-- both: the mean of the two; fusion: the mean over models.
-Every mean here is over equally many rows per scale, so a running sum per image suffices.
-
-Throughput: a thread pool decodes and rescales images ahead of the network (OpenCV releases
-the GIL), and inputs of one shape from several images share a network batch.
+The arithmetic is protocol.py's; this module only decides what runs when, for throughput:
+- a thread pool decodes and rescales images ahead of the network (OpenCV releases the GIL);
+- inputs of one shape from several images (images, mirrors, crops) share a network batch;
+- each model's rows come back per (image, view), and protocol.py's functions turn them into
+  dense, multi-crop and combined posteriors per model, then fuse the models.
+A batch the runtime cannot run (out of memory on a huge image...) fails its images only.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from vgg_onnx.errors import UsageError
 from vgg_onnx.metadata import PROBS_NAME, SCORES_NAME
-from vgg_onnx.preprocessing import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, check_scales,
-                                    crop_boxes, load_image, mirror, rescale)
+from vgg_onnx.preprocessing import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, check_scales, rescale
 
 from .flops import dense_flops
+from .inputs import ImageInput, source_label, to_rgb
+from .prefetch import prefetch
+from .protocol import (METHODS, combine_dense_multi_crop, crop_views, dense_views, fuse_posteriors,
+                       multi_scale_posterior, view_posterior)
 from .session import ModelSession
 
-METHODS = ("dense", "multi-crop", "both")
 DEFAULT_BATCH_SIZE = 4
+ViewKey = tuple  # ("dense", q) or ("crops", q, crop): one set of network inputs of an image
 
 
 def check_methods(methods) -> tuple[str, ...]:
@@ -56,11 +56,6 @@ def check_same_classes(sessions: list[ModelSession]) -> None:
                          f"{b[i][1]!r} in the other; fused models need the same class list")
 
 
-def to_chw(image: np.ndarray) -> np.ndarray:
-    """HxWx3 uint8 -> 3xHxW uint8 (the float32 cast happens per batch, to keep queued images small)."""
-    return np.ascontiguousarray(image.transpose(2, 0, 1))
-
-
 @dataclass
 class Prepared:
     """An image decoded and rescaled, ready for the network (or the reason it is not)."""
@@ -69,20 +64,58 @@ class Prepared:
     path: str
     error: str | None = None
     image: np.ndarray | None = None  # the decoded original, kept only for heatmaps
-    dense: dict = field(default_factory=dict)  # q -> uint8 R x 3 x H x W (image[, mirror])
-    crops: dict = field(default_factory=dict)  # (q, crop) -> uint8 R x 3 x c x c (25 crops[, 25 mirrors])
+    views: dict = field(default_factory=dict)  # ViewKey -> uint8 R x 3 x H x W
     seconds: float = 0.0
 
 
 @dataclass
 class ImageResult:
+    """One image's posteriors under each requested method (fused over models), or its error."""
+
     path: str
     error: str | None = None
     posteriors: dict = field(default_factory=dict)  # method -> fused posterior (classes,)
     model_posteriors: list = field(default_factory=list)  # per model: method -> posterior
     score_maps: list = field(default_factory=list)  # per model: classes x h x w at its largest scale
+    scale_maps: list = field(default_factory=list)  # per model: scale -> classes x h x w
     image: np.ndarray | None = None
     seconds: float = 0.0
+
+
+@dataclass
+class Job:
+    """One image's rows of one view set for one model."""
+
+    slot: int
+    key: ViewKey
+    rows: np.ndarray
+    want_scores: bool = False
+
+
+@dataclass
+class NetworkOutcome:
+    """What one model's network produced for a window of images."""
+
+    probs: dict = field(default_factory=dict)  # (slot, ViewKey) -> R x classes
+    scores: dict = field(default_factory=dict)  # (slot, scale) -> the unmirrored view's score map
+    failed: dict = field(default_factory=dict)  # slot -> reason
+    seconds: dict = field(default_factory=lambda: defaultdict(float))  # slot -> its share of network time
+    parts: dict = field(default_factory=lambda: defaultdict(list))
+
+    def add(self, chunk: list, outputs: list[np.ndarray], elapsed: float) -> None:
+        for k, (job, row) in enumerate(chunk):
+            self.parts[(job.slot, job.key)].append(outputs[0][k])
+            self.seconds[job.slot] += elapsed / len(chunk)
+            if job.want_scores and row == 0:
+                self.scores[(job.slot, job.key[1])] = outputs[1][k]
+
+    def fail(self, chunk: list, reason: str) -> None:
+        for job, _ in chunk:
+            self.failed[job.slot] = reason
+
+    def finish(self) -> "NetworkOutcome":
+        self.probs = {key: np.stack(rows) for key, rows in self.parts.items()}
+        return self
 
 
 class Evaluator:
@@ -90,169 +123,183 @@ class Evaluator:
 
     def __init__(self, sessions: list[ModelSession], methods=("dense",), scales: list[int] | None = None,
                  flip: bool = True, batch_size: int = DEFAULT_BATCH_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 heatmap: bool = False):
+                 heatmap: bool = False, progress: Callable[[float], None] | None = None):
         if not sessions:
             raise UsageError("no model given: use --model FILE.onnx (repeatable)")
         if batch_size < 1:
             raise UsageError(f"batch size {batch_size} must be at least 1")
         check_same_classes(sessions)
-        self.sessions = sessions
-        self.methods = check_methods(methods)
+        self.sessions, self.methods = sessions, check_methods(methods)
         self.need_dense = any(m in ("dense", "both") for m in self.methods)
         self.need_crops = any(m in ("multi-crop", "both") for m in self.methods)
-        self.flip = flip
-        self.batch_size = batch_size
-        self.max_pixels = max_pixels
-        self.heatmap = heatmap
+        self.flip, self.batch_size, self.max_pixels, self.heatmap = flip, batch_size, max_pixels, heatmap
+        self.progress = progress  # called with the images' worth of work each network batch did
         self.classes = sessions[0].info.classes
         # each model's own metadata governs its preprocessing unless --scales overrides
         self.model_scales = [check_scales(list(scales or s.info.test_scales), s.info.crop_size) for s in sessions]
-        self.dense_scales = sorted({q for qs in self.model_scales for q in qs})
-        if not self.need_dense and heatmap:  # a heatmap needs the score map at each model's largest scale
-            self.dense_scales = sorted({max(qs) for qs in self.model_scales})
-        self.crop_keys = sorted({(q, s.info.crop_size) for s, qs in zip(sessions, self.model_scales) for q in qs})
+        self.dense_scales = {q for qs in self.model_scales for q in qs}
+        if not self.need_dense:  # a heatmap needs the score map at each model's largest scale
+            self.dense_scales = {max(qs) for qs in self.model_scales} if heatmap else set()
+        self.crops_at = defaultdict(set)
+        for session, qs in zip(sessions, self.model_scales):
+            for q in qs if self.need_crops else ():
+                self.crops_at[q].add(session.info.crop_size)
         self.rows_per_image = 2 if flip else 1
         self.network_seconds = 0.0  # time inside ONNX Runtime, and the FLOPs it did (for bench)
         self.network_flops = 0
 
+    @property
+    def scales(self) -> list[int]:
+        """Every test scale any model uses, ascending."""
+        return sorted({q for qs in self.model_scales for q in qs})
+
     # --- preprocessing (runs in worker threads) ------------------------------------------
 
-    def prepare(self, index: int, path: str) -> Prepared:
+    def views(self, image: np.ndarray) -> dict:
+        """The network inputs the methods need, per view set (protocol.py's dense and crop views)."""
+        views = {}
+        for q in sorted(self.dense_scales | set(self.crops_at)):
+            scaled = rescale(image, q, self.max_pixels)
+            if q in self.dense_scales:
+                views[("dense", q)] = dense_views(scaled, self.flip)
+            for crop in sorted(self.crops_at.get(q, ())):
+                views[("crops", q, crop)] = crop_views(scaled, crop, self.flip)
+        return views
+
+    def prepare(self, index: int, source: ImageInput) -> Prepared:
         start = time.perf_counter()
-        item = Prepared(index, path)
+        item = Prepared(index, source_label(source, index))
         try:
-            image = load_image(path, self.max_pixels)
-            crop_scales = {q for q, _ in self.crop_keys} if self.need_crops else set()
-            for q in sorted(set(self.dense_scales) | crop_scales):
-                scaled = rescale(image, q, self.max_pixels)
-                if q in self.dense_scales:
-                    rows = [to_chw(scaled)] + ([to_chw(mirror(scaled))] if self.flip else [])
-                    item.dense[q] = np.stack(rows)
-                for cq, crop in self.crop_keys:
-                    if cq != q or q not in crop_scales:
-                        continue
-                    height, width = scaled.shape[:2]
-                    crops = [scaled[y:y + crop, x:x + crop] for x, y in crop_boxes(width, height, crop)]
-                    if self.flip:
-                        crops += [mirror(c) for c in crops]
-                    item.crops[(q, crop)] = np.stack(crops).transpose(0, 3, 1, 2).copy()
+            image = to_rgb(source, self.max_pixels)
+            item.views = self.views(image)
             if self.heatmap:
                 item.image = image
         except ImageError as e:
-            item.error = str(e) if str(e).startswith(path) else f"{path}: {e}"
+            item.error = str(e) if str(e).startswith(item.path) else f"{item.path}: {e}"
         except MemoryError:
-            item.error = f"{path}: out of memory while preprocessing"
+            item.error = f"{item.path}: out of memory while preprocessing"
         item.seconds = time.perf_counter() - start
         return item
 
     # --- the network -----------------------------------------------------------------------
 
-    def _run_rows(self, session: ModelSession, jobs, sums, counts, seconds, failed, score_key=None,
-                  score_maps=None):
-        """jobs: list of (image slot, uint8 rows) of one shape. Runs them in batches of at most
-        batch_size rows; adds each row's posterior to its image's sum. A batch the runtime
-        cannot run (out of memory on a huge image...) fails its images, not the whole run."""
-        outputs = (PROBS_NAME, SCORES_NAME) if score_key is not None else (PROBS_NAME,)
-        flat = [(slot, row) for slot, rows in jobs for row in range(len(rows))]
-        arrays = {slot: rows for slot, rows in jobs}
-        for start in range(0, len(flat), self.batch_size):
-            chunk = flat[start:start + self.batch_size]
-            batch = np.stack([arrays[slot][row] for slot, row in chunk]).astype(np.float32)
-            began = time.perf_counter()
-            try:
-                result = session.run(batch, outputs)
-            except Exception as e:  # noqa: BLE001 - ONNX Runtime's own error types
-                reason = " ".join(str(e).split())[:200]
-                for slot, _ in chunk:
-                    failed[slot] = f"{session.name} failed on a {tuple(batch.shape)} batch: {reason}"
-                continue
-            elapsed = time.perf_counter() - began
-            self.network_seconds += elapsed
-            self.network_flops += dense_flops(session.info, batch.shape[2], batch.shape[3]) * len(batch)
-            probs = result[0]
-            for k, (slot, row) in enumerate(chunk):
-                sums[slot] += probs[k]
-                counts[slot] += 1
-                seconds[slot] += elapsed / len(chunk)
-                if score_key is not None and row == 0:  # the unmirrored image's score map
-                    score_maps[slot] = result[1][k]
+    def jobs(self, session: ModelSession, scales: list[int], good: list[Prepared]) -> list[Job]:
+        """The rows one model runs for a window: dense views per scale and/or crops per scale."""
+        crop, jobs = session.info.crop_size, []
+        for p in good:
+            if self.need_dense:
+                jobs += [Job(p.index, ("dense", q), p.views[("dense", q)], self.heatmap) for q in scales]
+            elif self.heatmap:  # only the unmirrored image at the largest scale, for its score map
+                q = max(scales)
+                jobs.append(Job(p.index, ("dense", q), p.views[("dense", q)][:1], True))
+            if self.need_crops:
+                jobs += [Job(p.index, ("crops", q, crop), p.views[("crops", q, crop)]) for q in scales]
+        return jobs
+
+    def run_network(self, session: ModelSession, jobs: list[Job], work: "WindowProgress") -> NetworkOutcome:
+        """Run the jobs' rows, those of one shape together, in batches of at most batch_size."""
+        outcome = NetworkOutcome()
+        by_shape = defaultdict(list)
+        for job in jobs:
+            by_shape[job.rows.shape[1:]].append(job)
+        for group in by_shape.values():
+            flat = [(job, row) for job in group for row in range(len(job.rows))]
+            for start in range(0, len(flat), self.batch_size):
+                chunk = flat[start:start + self.batch_size]
+                batch = np.stack([job.rows[row] for job, row in chunk]).astype(np.float32)
+                want_scores = any(job.want_scores for job, _ in chunk)
+                began = time.perf_counter()
+                try:
+                    outputs = session.run(batch, (PROBS_NAME, SCORES_NAME) if want_scores else (PROBS_NAME,))
+                except Exception as e:  # noqa: BLE001 - ONNX Runtime's own error types
+                    reason = " ".join(str(e).split())[:200]
+                    outcome.fail(chunk, f"{session.name} failed on a {tuple(batch.shape)} batch: {reason}")
+                    continue
+                elapsed = time.perf_counter() - began
+                flops = dense_flops(session.info, batch.shape[2], batch.shape[3])
+                self.network_seconds += elapsed
+                self.network_flops += flops * len(batch)
+                outcome.add(chunk, outputs, elapsed)
+                work.done([job.slot for job, _ in chunk], flops)
+        return outcome.finish()
+
+    # --- the protocol's arithmetic, per image ------------------------------------------------
+
+    def method_posteriors(self, outcome: NetworkOutcome, slot: int, scales: list[int], crop: int) -> dict:
+        """One image's posterior under each method for one model (protocol.py's functions)."""
+        posts = {}
+        if self.need_dense:
+            posts["dense"] = multi_scale_posterior(
+                [view_posterior(outcome.probs[(slot, ("dense", q))]) for q in scales])
+        if self.need_crops:
+            posts["multi-crop"] = multi_scale_posterior(
+                [view_posterior(outcome.probs[(slot, ("crops", q, crop))]) for q in scales])
+        if "both" in self.methods:
+            posts["both"] = combine_dense_multi_crop(posts["dense"], posts["multi-crop"])
+        return {m: posts[m] for m in self.methods}
 
     def evaluate(self, window: list[Prepared]) -> list[ImageResult]:
         """Run the network on a window of prepared images (errors pass through)."""
         good = [p for p in window if p.error is None]
-        seconds = defaultdict(float, {p.index: p.seconds for p in window})
-        per_model = []
-        score_maps_all = []
-        failed: dict[int, str] = {}
-        classes = len(self.classes)
-        for session, scales in zip(self.sessions, self.model_scales):
-            posts: dict[str, dict[int, np.ndarray]] = {}
-            score_maps: dict[int, np.ndarray] = {}
-            top_scale = max(scales)
-            if self.need_dense or self.heatmap:
-                sums = defaultdict(lambda: np.zeros(classes, np.float64))
-                counts = defaultdict(int)
-                for q in (scales if self.need_dense else [top_scale]):
-                    by_shape = defaultdict(list)
-                    for p in good:
-                        rows = p.dense[q] if self.need_dense else p.dense[q][:1]
-                        by_shape[rows.shape[2:]].append((p.index, rows))
-                    want_scores = self.heatmap and q == top_scale
-                    for jobs in by_shape.values():
-                        self._run_rows(session, jobs, sums, counts, seconds,
-                                       failed, score_key=q if want_scores else None,
-                                       score_maps=score_maps)
-                if self.need_dense:
-                    posts["dense"] = {i: sums[i] / counts[i] for i in sums if i not in failed}
-            if self.need_crops:
-                sums = defaultdict(lambda: np.zeros(classes, np.float64))
-                counts = defaultdict(int)
-                for q in scales:
-                    jobs = [(p.index, p.crops[(q, session.info.crop_size)]) for p in good]
-                    self._run_rows(session, jobs, sums, counts, seconds, failed)
-                posts["multi-crop"] = {i: sums[i] / counts[i] for i in sums if i not in failed}
-            if "both" in self.methods:
-                posts["both"] = {i: (posts["dense"][i] + posts["multi-crop"][i]) / 2
-                                 for i in posts["dense"] if i in posts["multi-crop"]}
-            per_model.append(posts)
-            score_maps_all.append(score_maps)
-        results = []
-        for p in window:
-            if p.error is not None or p.index in failed:
-                error = p.error or f"{p.path}: {failed[p.index]}"
-                results.append(ImageResult(p.path, error=error, seconds=seconds[p.index]))
-                continue
-            model_posts = [{m: posts[m][p.index] for m in self.methods} for posts in per_model]
-            fused = {m: np.mean([mp[m] for mp in model_posts], axis=0) for m in self.methods}
-            results.append(ImageResult(p.path, posteriors=fused, model_posteriors=model_posts,
-                                       score_maps=[sm.get(p.index) for sm in score_maps_all],
-                                       image=p.image, seconds=seconds[p.index]))
-        return results
+        plans = [(s, qs, self.jobs(s, qs, good)) for s, qs in zip(self.sessions, self.model_scales)]
+        work = WindowProgress(self.progress, len(window), plans)
+        outcomes = [self.run_network(session, jobs, work) for session, _, jobs in plans]
+        work.finish()
+        return [self.image_result(p, plans, outcomes) for p in window]
+
+    def image_result(self, p: Prepared, plans: list, outcomes: list[NetworkOutcome]) -> ImageResult:
+        seconds = p.seconds + sum(o.seconds[p.index] for o in outcomes)
+        failed = [o.failed[p.index] for o in outcomes if p.index in o.failed]
+        if p.error is not None or failed:
+            return ImageResult(p.path, error=p.error or f"{p.path}: {failed[0]}", seconds=seconds)
+        model_posts = [self.method_posteriors(o, p.index, qs, s.info.crop_size)
+                       for (s, qs, _), o in zip(plans, outcomes)]
+        fused = {m: fuse_posteriors([mp[m] for mp in model_posts]) for m in self.methods}
+        scale_maps = [{q: m for (slot, q), m in o.scores.items() if slot == p.index} for o in outcomes]
+        return ImageResult(p.path, posteriors=fused, model_posteriors=model_posts,
+                           score_maps=[maps.get(max(qs)) for maps, (_, qs, _) in zip(scale_maps, plans)],
+                           scale_maps=scale_maps, image=p.image, seconds=seconds)
 
     # --- the pipeline ----------------------------------------------------------------------
 
-    def run(self, paths: list[str], workers: int | None = None, lookahead: int | None = None):
-        """Yield an ImageResult per path, in order. Preprocessing runs ahead in `workers` threads."""
+    def run(self, sources: Iterable[ImageInput], workers: int | None = None,
+            lookahead: int | None = None) -> Iterator[ImageResult]:
+        """Yield an ImageResult per source, in order. Preprocessing runs ahead in `workers` threads."""
         window_size = max(1, self.batch_size // self.rows_per_image)
         workers = workers or default_workers()
         lookahead = lookahead or max(2 * workers, window_size + workers)
-        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="vgg-onnx-prep") as pool:
-            queue: deque = deque()
-            next_path = 0
-
-            def fill():
-                nonlocal next_path
-                while next_path < len(paths) and len(queue) < lookahead:
-                    queue.append(pool.submit(self.prepare, next_path, paths[next_path]))
-                    next_path += 1
-
-            fill()
-            while queue:
-                window = []
-                while queue and len(window) < window_size:
-                    window.append(queue.popleft().result())
-                    fill()
+        window: list[Prepared] = []
+        for item in prefetch(lambda pair: self.prepare(*pair), enumerate(sources), workers, lookahead):
+            window.append(item)
+            if len(window) == window_size:
                 yield from self.evaluate(window)
+                window = []
+        if window:
+            yield from self.evaluate(window)
+
+
+class WindowProgress:
+    """Reports a window's network work as it happens, in images: each batch adds its rows' share
+    of their images' FLOPs, so a progress bar moves per batch and reaches one per image."""
+
+    def __init__(self, callback: Callable[[float], None] | None, images: int, plans: list):
+        self.callback, self.images, self.reported = callback, images, 0.0
+        self.total: dict = defaultdict(int)
+        for session, _, jobs in plans:
+            for job in jobs:
+                self.total[job.slot] += len(job.rows) * dense_flops(session.info, *job.rows.shape[2:])
+
+    def done(self, slots: list[int], flops_per_row: int) -> None:
+        if self.callback is None:
+            return
+        amount = sum(flops_per_row / self.total[slot] for slot in slots if self.total[slot])
+        self.reported += amount
+        self.callback(amount)
+
+    def finish(self) -> None:
+        """The rest of the window's images (failed ones, rounding), so the window counts whole."""
+        if self.callback is not None and self.images - self.reported > 0:
+            self.callback(self.images - self.reported)
 
 
 def default_workers() -> int:
@@ -300,7 +347,4 @@ def collect_images(paths: list[str]) -> tuple[list[str], list[str]]:
 def load_sessions(models: list[str], provider: str, threads: int | None) -> list[ModelSession]:
     if not models:
         raise UsageError("no model given: use --model FILE.onnx (repeatable)")
-    if threads is not None and threads < 1:
-        raise UsageError(f"threads {threads} must be at least 1")
     return [ModelSession(m, provider, threads) for m in models]
-

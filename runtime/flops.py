@@ -29,3 +29,31 @@ def dense_flops(info: ModelInfo, height: int, width: int) -> int:
     flops += 2 * hidden * hidden * oh * ow  # fc7 as a 1x1 conv
     flops += 2 * hidden * info.num_classes * oh * ow  # fc8 as a 1x1 conv
     return flops
+
+
+TYPICAL_SIZE = (500, 375)  # ImageNet's most common photo size (width, height), for estimates
+
+
+def image_flops(info: ModelInfo, method: str, scales: list[int], flip: bool = True,
+                size: tuple[int, int] = TYPICAL_SIZE) -> int:
+    """FLOPs one image of `size` (width, height) costs this model under a method of the protocol:
+    per scale the dense image (and mirror) and/or the 5x5 crops (and mirrors)."""
+    from vgg_onnx.preprocessing import rescaled_size
+
+    views = 2 if flip else 1
+    total = 0
+    for q in scales:
+        width, height = rescaled_size(size[0], size[1], q)
+        if method in ("dense", "both"):
+            total += views * dense_flops(info, height, width)
+        if method in ("multi-crop", "both"):
+            total += 25 * views * dense_flops(info, info.crop_size, info.crop_size)
+    return total
+
+
+def format_flops(flops: float) -> str:
+    """1.2e12 -> '1.2 TFLOP'."""
+    for unit, size in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if flops >= size:
+            return f"{flops / size:.3g} {unit}"
+    return f"{flops:.3g} FLOP"

@@ -1,8 +1,8 @@
-"""infer's output: one record per image (the schema the C++ and Node hosts copy), its formats,
-and heatmaps.
+"""What infer and eval print: infer's records (the schema the C++ and Node hosts copy) in their
+formats, and eval's error counts and table.
 
 A record is {"path", "top_k": [{"index", "synset", "name", "prob"}...], "method", "scales",
-"models", "seconds"} or {"path", "error"}.
+"models", "seconds"[, "heatmap"]} or {"path", "error"}; docs/api.md describes every field.
 """
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ import io
 import json
 import os
 
-import numpy as np
-
 from vgg_onnx.atomic import atomic_write_bytes
 
-from .evaluate import ImageResult, top_k
+from .api import Classification
+from .evaluate import top_k
 
 FORMATS = ("table", "json", "jsonl", "csv")
 CSV_COLUMNS = ["path", "rank", "index", "synset", "name", "prob", "method", "scales", "models", "seconds", "error"]
@@ -28,19 +27,21 @@ def printable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def make_record(result: ImageResult, method: str, classes, k: int, scales: list[int], models: list[str]) -> dict:
+def make_record(result: "Classification", k: int, heatmap: str | None = None) -> dict:
+    """The JSON record of one image (docs/api.md describes every field)."""
     if result.error is not None:
-        return {"path": printable(result.path), "error": printable(result.error)}
-    posterior = result.posteriors[method]
-    return {
-        "path": printable(result.path),
-        "top_k": [{"index": classes[i].index, "synset": classes[i].synset, "name": classes[i].name,
-                   "prob": float(posterior[i])} for i in top_k(posterior, k)],
-        "method": method,
-        "scales": list(scales),
-        "models": [printable(m) for m in models],
+        return {"path": printable(result.source), "error": printable(result.error)}
+    record = {
+        "path": printable(result.source),
+        "top_k": [p._asdict() for p in result.top_k(k)],
+        "method": result.method,
+        "scales": list(result.scales),
+        "models": [printable(m) for m in result.models],
         "seconds": round(result.seconds, 4),
     }
+    if heatmap is not None:
+        record["heatmap"] = printable(heatmap)
+    return record
 
 
 class RecordWriter:
@@ -77,13 +78,16 @@ class RecordWriter:
 
 
 def format_table_record(record: dict) -> str:
+    """One image as a small table: the path, then a header and one line per class."""
     if "error" in record:
         return f"{record['path']}\n  error: {record['error']}\n"
     lines = [f"{record['path']}  ({record['method']}, scales {','.join(map(str, record['scales']))}, "
-             f"{record['seconds']:.2f} s)"]
+             f"{record['seconds']:.2f} s)", f"  {'#':<2} {'prob':>7}  {'index':>5}  class"]
     for rank, entry in enumerate(record["top_k"], 1):
         synset = f"{entry['synset']} " if entry["synset"] else ""
-        lines.append(f"  {rank}. {entry['prob']:7.4f}  {entry['index']:>4}  {synset}{entry['name']}")
+        lines.append(f"  {rank}. {entry['prob']:7.4f}  {entry['index']:>5}  {synset}{entry['name']}")
+    if "heatmap" in record:
+        lines.append(f"  heatmap: {record['heatmap']}")
     return "\n".join(lines) + "\n"
 
 
@@ -98,43 +102,56 @@ class OutputFile:
         atomic_write_bytes(self.path, self.buffer.getvalue().encode("utf-8"))
 
 
-def heatmap_image(image: np.ndarray, score_maps: list[np.ndarray], class_index: int) -> np.ndarray:
-    """BGR uint8 picture: the class's dense score map (mean over models, each stretched to the
-    image) in OpenCV's JET colormap, blended half and half over the image."""
-    import cv2
+# --- eval --------------------------------------------------------------------------------------
 
-    height, width = image.shape[:2]
-    maps = [cv2.resize(m[class_index].astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
-            for m in score_maps if m is not None]
-    heat = np.mean(maps, axis=0)
-    span = float(heat.max() - heat.min())
-    heat = ((heat - heat.min()) / span * 255 if span > 0 else np.zeros_like(heat)).astype(np.uint8)
-    colored = cv2.applyColorMap(heat, cv2.COLORMAP_JET)
-    return cv2.addWeighted(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), 0.5, colored, 0.5, 0)
+class ErrorCounter:
+    """Top-1 and top-5 errors per (model or "fused", method), counted as results stream by
+    (posteriors are not kept: ImageNet's validation set is 50,000 of them per method)."""
+
+    def __init__(self, methods, n_models: int):
+        self.methods, self.n_models = methods, n_models
+        self.counts: dict = {}
+
+    def add(self, result, truth: int) -> None:
+        for who in ["fused"] + list(range(self.n_models)):
+            posts = result.posteriors if who == "fused" else result.model_posteriors[who]
+            for method in self.methods:
+                ranked = top_k(posts[method], 5)
+                c = self.counts.setdefault((who, method), [0, 0, 0])
+                c[0] += ranked[0] != truth
+                c[1] += truth not in ranked
+                c[2] += 1
+
+    def rates(self) -> dict:
+        return {key: {"top1_error": 100.0 * c[0] / c[2], "top5_error": 100.0 * c[1] / c[2], "images": c[2]}
+                for key, c in self.counts.items()}
+
+    def rows(self, models: list[str]) -> list[dict]:
+        """The report's rows: each model when several are fused, then the fusion (or the model)."""
+        rates, first = self.rates(), self.methods[0]
+        rows = []
+        if len(models) > 1:
+            rows += [{"model": m, **{meth: rates[(i, meth)] for meth in self.methods}}
+                     for i, m in enumerate(models) if (i, first) in rates]
+        if ("fused", first) in rates:
+            name = " + ".join(os.path.basename(m) for m in models) if len(models) > 1 else models[0]
+            rows.append({"model": name, **{meth: rates[("fused", meth)] for meth in self.methods}})
+        return rows
 
 
-class HeatmapWriter:
-    """--heatmap DIR: DIR/<image name>.png, with -1, -2... when two images share a name."""
-
-    def __init__(self, folder: str):
-        self.folder = folder
-        self.used: set[str] = set()
-        os.makedirs(folder, exist_ok=True)
-
-    def write(self, result: ImageResult, method: str) -> str:
-        import cv2
-
-        class_index = top_k(result.posteriors[method], 1)[0]
-        picture = heatmap_image(result.image, result.score_maps, class_index)
-        stem = os.path.splitext(os.path.basename(result.path))[0]
-        name, n = stem + ".png", 0
-        while name in self.used:
-            n += 1
-            name = f"{stem}-{n}.png"
-        self.used.add(name)
-        ok, data = cv2.imencode(".png", picture)
-        if not ok:
-            raise OSError("PNG encoding failed")
-        path = os.path.join(self.folder, name)
-        atomic_write_bytes(path, data.tobytes())
-        return path
+def format_eval_table(report: dict) -> str:
+    """The paper's Table 5 shape: a row per model (and their fusion), a column per method."""
+    methods = report["methods"]
+    rows = [(row["model"], [f"{row[m]['top1_error']:.1f} / {row[m]['top5_error']:.1f}" for m in methods])
+            for row in report["rows"]]
+    width = max([len("model")] + [len(name) for name, _ in rows])
+    cells = [max([len(m)] + [len(cs[i]) for _, cs in rows]) for i, m in enumerate(methods)]
+    head = "  ".join([f"{'model':<{width}}"] + [f"{m:>{w}}" for m, w in zip(methods, cells)])
+    title = "top-1 / top-5 error (%)"
+    if report.get("partial"):
+        title += f" -- PARTIAL: interrupted after {report['images'] + report['failed']} of {report['planned']} images"
+    lines = [title, head, "-" * len(head)]
+    lines += ["  ".join([f"{name:<{width}}"] + [f"{c:>{w}}" for c, w in zip(cs, cells)]) for name, cs in rows]
+    lines.append(f"{report['images']} images ({report['failed']} failed), scales {report['scales']}, "
+                 f"{'mirrors' if report['flip'] else 'no mirrors'}, {report['images_per_second']:.3g} images/s")
+    return "\n".join(lines) + "\n"

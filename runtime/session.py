@@ -89,19 +89,57 @@ def resolve_provider(provider: str) -> tuple[str, str | None]:
     return ("cpu", problem) if problem else ("cuda", None)
 
 
+def has_nvidia_gpu() -> bool:
+    """Whether this machine has an NVIDIA GPU at all (its device files or its driver's tool)."""
+    import glob
+    import shutil
+
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or shutil.which("nvidia-smi") is not None
+
+
 def announce(provider: str, reason: str | None) -> None:
-    """`auto` says once per process which provider it ended up with, and why not CUDA."""
+    """`auto` says once per process which provider it ended up with; why not CUDA only where an
+    NVIDIA GPU exists (on a machine without one, the CPU is the expected choice, not a problem)."""
     global _announced
     if not _announced:
-        why = f" (CUDA unavailable: {reason})" if reason else ""
+        why = f" (CUDA unavailable: {reason})" if reason and has_nvidia_gpu() else ""
         print(f"vgg-onnx: using the {provider.upper()} provider{why}", file=sys.stderr)
         _announced = True
 
 
+def check_threads(threads: int | None) -> None:
+    """More intra-op threads than CPUs only contend for them, and each costs ONNX Runtime a stack
+    and its own buffers: thousands of them take minutes to start and gigabytes of memory."""
+    if threads is None:
+        return
+    cpus = available_cpus()
+    if not 1 <= threads <= cpus:
+        raise UsageError(f"--threads {threads} must be between 1 and {cpus} (the CPUs this process may use): "
+                         "more threads than CPUs only contend for them and cost memory")
+
+
+def check_metadata(info: ModelInfo, output_width: int | None, source: str) -> None:
+    """A model's metadata, checked once and fully at load, so no image fails later for it."""
+    problems = []
+    if output_width is not None and output_width != info.num_classes:
+        problems.append(f"it lists {info.num_classes} classes but its outputs have {output_width}")
+    if info.crop_size <= 0 or info.crop_size % 32:
+        problems.append(f"its crop size {info.crop_size} is not a positive multiple of 32")
+    scales = info.test_scales
+    if not scales or any(not isinstance(q, int) or isinstance(q, bool) or q <= 0 for q in scales):
+        problems.append(f"its test scales {scales} are not a non-empty list of positive integers")
+    elif info.crop_size > 0 and min(scales) < info.crop_size:
+        problems.append(f"its test scale {min(scales)} is smaller than its crop size {info.crop_size}")
+    if problems:
+        raise VggOnnxError(f"{source}: bad vgg-onnx metadata: {'; '.join(problems)}")
+
+
 class ModelSession:
-    """An ONNX Runtime session on a vgg-onnx model; `run` maps an N x 3 x H x W batch to outputs."""
+    """An ONNX Runtime session on a vgg-onnx model; `run` maps an N x 3 x H x W batch to outputs.
+    `run` may be called from several threads at once (ONNX Runtime sessions allow it)."""
 
     def __init__(self, path: str | os.PathLike, provider: str = "auto", threads: int | None = None):
+        check_threads(threads)
         self.path = os.fspath(path)
         self.name = os.path.basename(self.path)
         if not os.path.isfile(self.path):
@@ -149,6 +187,9 @@ class ModelSession:
         if inputs != [INPUT_NAME] or not {SCORES_NAME, PROBS_NAME} <= set(outputs):
             raise VggOnnxError(f"{self.path}: expected input '{INPUT_NAME}' and outputs '{SCORES_NAME}', "
                                f"'{PROBS_NAME}'; found {inputs} -> {outputs}")
+        probs = next(o for o in self.session.get_outputs() if o.name == PROBS_NAME)
+        width = probs.shape[1] if len(probs.shape) == 2 and isinstance(probs.shape[1], int) else None
+        check_metadata(self.info, width, self.path)
 
     def run(self, batch: np.ndarray, outputs=(PROBS_NAME,)) -> list[np.ndarray]:
         """batch: float32 N x 3 x H x W, RGB 0..255. Returns the named outputs."""

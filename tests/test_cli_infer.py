@@ -152,13 +152,80 @@ def test_formats_agree(small_model, tmp_path):
 
 
 def test_heatmaps(small_model, tmp_path):
+    """Each PNG: the image with the heat over it, and beneath it a band with the class name and
+    a blue-to-red colour scale for this image's own score range; its path is in the record."""
     result = infer(SAMPLES / "rocket.jpg", SAMPLES / "camera.png", "-m", small_model, "--method", "multi-crop",
-                   "--heatmap", tmp_path / "heat")
+                   "--heatmap", tmp_path / "heat", "--format", "json")
     assert result.exit_code == 0
     assert sorted(os.listdir(tmp_path / "heat")) == ["camera.png", "rocket.png"]
+    records = json.loads(result.stdout)
+    assert [r["heatmap"] for r in records] == [str(tmp_path / "heat" / n) for n in ("rocket.png", "camera.png")]
+    documented = (REPO / "docs" / "api.md").read_text()
+    for key in list(records[0]) + [f"top_k[].{k}" for k in ENTRY_KEYS]:  # every field is documented
+        assert f"| `{key}` |" in documented, key
     heat = cv2.imread(str(tmp_path / "heat" / "rocket.png"))
-    assert heat.shape == cv2.imread(str(SAMPLES / "rocket.jpg")).shape
-    assert heat.std() > 0
+    height, width = cv2.imread(str(SAMPLES / "rocket.jpg")).shape[:2]
+    assert heat.shape == (height + 44, width, 3)  # the legend band beneath the image
+    assert heat[:height].std() > 0
+    band = heat[height:]
+    assert (band[:20] < 128).any()  # the class name is written in the band
+    ramp = band[31]
+    coloured = np.flatnonzero(ramp.max(axis=1) - ramp.min(axis=1) > 60)
+    left, right = ramp[coloured[0]].astype(int), ramp[coloured[-1]].astype(int)
+    assert left[0] > left[2] and right[2] > right[0]  # BGR: blue at the low end, red at the high end
+
+
+def test_heatmap_folder_that_cannot_be_written_fails_each_image(small_model, tmp_path, monkeypatch):
+    import tempfile
+
+    folder = tmp_path / "heat"
+    folder.mkdir()
+    if os.geteuid() == 0:  # root writes anywhere: refuse file creation in that folder instead
+        real = tempfile.mkstemp
+        def refuse(*args, dir=None, **kwargs):
+            if dir is not None and os.path.samefile(dir, folder):
+                raise PermissionError(13, "Permission denied")
+            return real(*args, dir=dir, **kwargs)
+        monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    else:
+        folder.chmod(0o500)
+    result = infer(SAMPLES / "rocket.jpg", SAMPLES / "camera.png", "-m", small_model, "--heatmap", folder,
+                   "--format", "jsonl")
+    folder.chmod(0o700)
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(records) == 2
+    for record in records:
+        assert list(record) == ["path", "error"] and "cannot write heatmap" in record["error"]
+        assert "Permission denied" in record["error"]
+    assert "0 done, 2 failed" in result.stderr
+
+
+def test_table_has_column_headers(small_model):
+    table = infer(SAMPLES / "chelsea.png", "-m", small_model, "--top-k", "3").stdout.splitlines()
+    assert table[1].split() == ["#", "prob", "index", "class"]
+    assert len(table) == 5 and table[2].startswith("  1. ")
+
+
+@pytest.mark.parametrize("command", ["infer", "bench"])
+def test_options_have_help(command):
+    text = CliRunner().invoke(main, [command, "--help"], terminal_width=200).stdout
+    for option, words in (("--top-k", "classes each record"), ("--format", "json"), ("--method", "5x5 grid"),
+                          ("--threads", "the CPUs available")):
+        if command == "bench" and option == "--top-k":
+            continue
+        line = next(line for line in text.splitlines() if line.strip().startswith(option))
+        assert words in " ".join(text[text.index(line):].split()[:40]), (option, line)
+
+
+def test_expected_work_is_announced(small_model):
+    from vgg_onnx.runtime.flops import format_flops, image_flops
+    from vgg_onnx.runtime.session import ModelSession
+
+    result = infer(SAMPLES / "chelsea.png", SAMPLES / "coffee.png", "-m", small_model, "--method", "both")
+    expected = format_flops(image_flops(ModelSession(small_model, "cpu").info, "both", [64, 96, 128]))
+    assert f"both at 3 scale(s): about {expected} per image" in result.stderr
+    assert "for 2 image(s)" in result.stderr
 
 
 def test_fusion_through_the_cli(small_model, tmp_path):
@@ -183,6 +250,8 @@ def test_fusion_through_the_cli(small_model, tmp_path):
     (["--top-k", "0"], 2, "--top-k 0"),
     (["--method", "five-crop"], 2, "Invalid value"),
     (["--batch-size", "0"], 2, "batch size 0"),
+    (["--threads", "100000"], 2, "--threads 100000 must be between 1 and"),
+    (["--threads", "0"], 2, "--threads 0 must be between 1 and"),
     (["--heatmap", str(SAMPLES / "rocket.jpg" / "sub")], 2, "cannot create the folder"),
     (["--output", str(SAMPLES / "rocket.jpg" / "out.json")], 2, "cannot write there"),
 ])

@@ -127,3 +127,20 @@ def test_limit_takes_classes_in_turn():
     items = [(f"a{i}", 0) for i in range(5)] + [("b0", 1), ("c0", 2), ("c1", 2)]
     assert limit_round_robin(items, 5) == [("a0", 0), ("b0", 1), ("c0", 2), ("a1", 0), ("c1", 2)]
     assert limit_round_robin(items, None) == items
+
+
+def test_table_aligns_when_an_error_is_100():
+    from vgg_onnx.runtime.output import format_eval_table
+
+    rows = [{"model": "a.onnx", "dense": {"top1_error": 100.0, "top5_error": 100.0},
+             "both": {"top1_error": 5.0, "top5_error": 0.0}},
+            {"model": "a.onnx + b.onnx", "dense": {"top1_error": 50.0, "top5_error": 7.5},
+             "both": {"top1_error": 100.0, "top5_error": 12.5}}]
+    report = {"methods": ["dense", "both"], "rows": rows, "images": 2, "failed": 0, "scales": [256],
+              "flip": True, "images_per_second": 1.0}
+    lines = format_eval_table(report).splitlines()
+    table = lines[1:5]
+    assert len({len(line) for line in table}) == 1, table  # header, rule and rows the same width
+    for column in ("dense", "both"):  # each column's right edge is the header's
+        edge = lines[1].index(column) + len(column)
+        assert all(line[edge - 1] != " " and (edge == len(line) or line[edge] == " ") for line in lines[3:5])

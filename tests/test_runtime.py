@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from conftest import export_small_model
+from conftest import SAMPLES, export_small_model
 from vgg_onnx.errors import UsageError, VggOnnxError
 from vgg_onnx.preprocessing import load_image, rescale
 from vgg_onnx.runtime import session as session_module
@@ -70,6 +70,9 @@ def plain_multi_crop(sess, image, scales, crop, flip=True):
                 if flip:
                     posteriors.append(plain_probs(sess, c[:, ::-1]))
     return np.mean(posteriors, axis=0)
+
+
+SAMPLE = SAMPLES / "chelsea.png"
 
 
 def ort_session(path) -> ort.InferenceSession:
@@ -199,15 +202,22 @@ def test_explicit_gpu_provider_never_falls_back(small_model, provider):
         ModelSession(small_model, provider)
 
 
-def test_auto_says_once_which_provider(small_model, capsys, monkeypatch):
+@pytest.mark.parametrize("gpu_present", [True, False])
+def test_auto_says_once_which_provider(small_model, capsys, monkeypatch, gpu_present):
+    """Where an NVIDIA GPU exists but CUDA cannot run, auto says why; on a machine without any
+    NVIDIA GPU the CPU is no surprise: one short neutral line, no library error."""
     monkeypatch.setattr(session_module, "_announced", False)
+    monkeypatch.setattr(session_module, "has_nvidia_gpu", lambda: gpu_present)
     first = ModelSession(small_model, "auto")
     ModelSession(small_model, "auto")
     err = capsys.readouterr().err
     assert err.count("vgg-onnx: using the") == 1
     assert f"using the {first.provider.upper()} provider" in err
     if gpu_library_problem("cuda"):
-        assert first.provider == "cpu" and "CUDA unavailable" in err
+        assert first.provider == "cpu"
+        assert ("CUDA unavailable" in err) == gpu_present
+        if not gpu_present:
+            assert err == "vgg-onnx: using the CPU provider\n"
 
 
 def test_gpu_that_onnxruntime_cannot_start(small_model, monkeypatch, capsys):
@@ -216,6 +226,7 @@ def test_gpu_that_onnxruntime_cannot_start(small_model, monkeypatch, capsys):
     if gpu_library_problem("cuda") is None:
         pytest.skip("CUDA libraries load here: the real case, not the simulation")
     monkeypatch.setattr(session_module, "gpu_library_problem", lambda provider: None)
+    monkeypatch.setattr(session_module, "has_nvidia_gpu", lambda: True)
     monkeypatch.setattr(session_module, "_announced", False)
     with pytest.raises(VggOnnxError, match="provider cuda cannot run .*could not start it"):
         ModelSession(small_model, "cuda")
@@ -254,3 +265,69 @@ def test_matmul_graph_is_valid_onnx_and_measures():
     a, b = np.ones((3, 4), np.float32), np.full((4, 5), 2, np.float32)
     np.testing.assert_array_equal(sess.run(None, {"A": a, "B": b})[0], a @ b)
     assert matmul_peak(1, size=256, seconds=0.05) > 0.1
+
+
+# --- the model's metadata, checked once at load ----------------------------------------------
+
+def model_with_metadata(small_model, folder, **changes) -> Path:
+    """The small model with some metadata_props values replaced (JSON-encoded as export does)."""
+    import json
+
+    import onnx
+
+    proto = onnx.load(str(small_model))
+    for prop in proto.metadata_props:
+        if prop.key in changes:
+            value = changes[prop.key]
+            prop.value = value if isinstance(value, str) else json.dumps(value)
+    path = folder / f"bad_{'_'.join(changes)}.onnx"
+    onnx.save(proto, str(path))
+    return path
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"classes": [{"index": i, "synset": "", "name": f"c{i}"} for i in range(7)], "num_classes": 7},
+     "it lists 7 classes but its outputs have 10"),
+    ({"test_scales": []}, "its test scales [] are not a non-empty list of positive integers"),
+    ({"test_scales": [96, -5]}, "its test scales [96, -5] are not a non-empty list of positive integers"),
+    ({"crop_size": -64}, "its crop size -64 is not a positive multiple of 32"),
+    ({"crop_size": 50}, "its crop size 50 is not a positive multiple of 32"),
+    ({"test_scales": [32, 96]}, "its test scale 32 is smaller than its crop size 64"),
+])
+def test_bad_metadata_is_one_line_at_load_exit_1(small_model, tmp_path, changes, message):
+    from click.testing import CliRunner
+
+    from vgg_onnx.cli import main
+
+    bad = model_with_metadata(small_model, tmp_path, **changes)
+    with pytest.raises(VggOnnxError, match="bad vgg-onnx metadata") as e:
+        ModelSession(bad, "cpu")
+    assert not isinstance(e.value, UsageError) and message in str(e.value) and str(bad) in str(e.value)
+    out = tmp_path / "out.json"
+    result = CliRunner().invoke(main, ["infer", str(SAMPLE), "-m", str(bad), "--method", "multi-crop",
+                                       "--output", str(out)])
+    assert result.exit_code == 1 and not out.exists()
+    errors = [line for line in result.stderr.splitlines() if line.startswith("vgg-onnx: error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr
+
+
+def test_threads_are_bounded_by_the_cpus():
+    from vgg_onnx.runtime.session import available_cpus, check_threads
+
+    check_threads(None)
+    check_threads(available_cpus())
+    for threads in (0, available_cpus() + 1, 100000):
+        with pytest.raises(UsageError, match=f"--threads {threads} must be between 1 and {available_cpus()}"):
+            check_threads(threads)
+
+
+def test_progress_moves_per_network_batch_and_counts_each_image_once(small_model, images, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"nothing")
+    shares: list[float] = []
+    evaluator = Evaluator([ModelSession(small_model, "cpu")], ("both",), batch_size=4, progress=shares.append)
+    results = list(evaluator.run(images + [str(bad)]))
+    assert sum(r.error is None for r in results) == len(images)
+    assert len(shares) > 4 * len(images)  # dense rows and 150 crops per image, 4 rows a batch
+    assert sum(shares) == pytest.approx(len(images) + 1)  # the failed image counts once too
+    assert all(s > 0 for s in shares)

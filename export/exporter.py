@@ -159,7 +159,7 @@ def export_model(out: str, config: str | None = None, weights: str | None = None
         width_mult = width_mult or (ckpt.width_mult if ckpt else None) or found.get("width_mult", 1.0)
         crop = crop or (ckpt.crop_size if ckpt else None) or found.get("crop_size", DEFAULT_CROP)
         check_crop(crop)
-        model = weights_io.build_model(weights, loaded.state_dict, cfg, num_classes, width_mult, crop)
+        model = weights_io.build_model(weights, loaded.state_dict, cfg, num_classes, width_mult, crop, loaded.names)
         source, sha256, kind = loaded.source, loaded.sha256, loaded.format
         del loaded
         log(f"vgg-onnx export: {kind} weights for VGG-{cfg.name}: {num_classes} classes, width {width_mult:g}, "

@@ -129,24 +129,39 @@ def _npz_headers(path: str) -> dict:
     return headers
 
 
-def _precheck_npz(path: str, config: Config) -> None:
+def _to_torchvision(path: str, arrays: dict, names: dict, config: Config, fmt: str) -> tuple[dict, str]:
+    """(the arrays under torchvision keys, the naming they were found in), checked against `fmt`."""
+    found = detect_format(arrays)
+    if found is None:
+        sample = ", ".join(list(arrays)[:3])
+        raise VggOnnxError(f"{path}: no VGG weights in it (names like {sample}; expected torchvision's "
+                           "features.<i>.weight or Caffe's conv1_1 ... fc8)")
+    if fmt == "caffe" and found != "caffe":
+        raise UsageError(f"{path}: holds {found}-style names, not Caffe's (conv1_1 ... fc8); use --weights-format {found}")
+    if fmt in ("torchvision", "checkpoint") and found != "torchvision":
+        raise UsageError(f"{path}: holds Caffe-style names (conv1_1 ... fc8); use --weights-format caffe")
+    if found == "caffe":
+        arrays = caffe_to_torchvision(path, arrays, config, names)
+    return arrays, found
+
+
+def _precheck_npz(path: str, config: Config, fmt: str) -> None:
     """The .npz's shapes against the weights `config` expects, from the headers alone (no data)."""
     arrays, names = _check_tensors(path, _npz_headers(path))
-    if detect_format(arrays) == "caffe":
-        arrays = caffe_to_torchvision(path, arrays, config, names)
+    arrays, _ = _to_torchvision(path, arrays, names, config, fmt)
     found = infer_dimensions(arrays, config)
     check_shapes(path, arrays, config, found.get("num_classes", IMAGENET_CLASSES), found.get("width_mult", 1.0),
                  found.get("crop_size", DEFAULT_CROP), names)
 
 
-def _read_arrays(path: str, config: Config) -> dict:
+def _read_arrays(path: str, config: Config, fmt: str) -> dict:
     """Every named tensor in the file, by its extension's reader; anything unreadable: one line."""
     name = os.path.basename(path)
     lower = name.lower()
     try:
         if lower.endswith(".npz"):
             _check_zip_members(path)
-            _precheck_npz(path, config)
+            _precheck_npz(path, config, fmt)
             with np.load(path, allow_pickle=False) as npz:
                 return {key: torch.from_numpy(np.array(npz[key])) for key in npz.files}
         if lower.endswith(".safetensors"):
@@ -341,6 +356,10 @@ def load_weights(path: str, config: str | Config, fmt: str = "auto") -> LoadedWe
         raise UsageError(f"unknown weights format {fmt!r}; valid: {', '.join(FORMATS)}")
     if not os.path.exists(path):
         raise UsageError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise UsageError(f"{path}: is a folder, not a weights file")
+    if not os.path.isfile(path):  # a FIFO or a device would block or never end
+        raise VggOnnxError(f"{path}: not a regular file; weights are read from files")
     info = None
     if fmt == "checkpoint" or (fmt == "auto" and checkpoint_json(path)):
         info = read_checkpoint_info(path)
@@ -350,19 +369,11 @@ def load_weights(path: str, config: str | Config, fmt: str = "auto") -> LoadedWe
         raise UsageError(f"{path}: is a folder, not a weights file") from None
     except OSError as e:
         raise VggOnnxError(f"{path}: cannot read: {e.strerror or e}") from None
-    if info is not None and info.weights_sha256 and info.weights_sha256 != sha256:
+    if info is not None and not info.weights_sha256:  # every checkpoint we write records it
+        raise VggOnnxError(f"{path}: its JSON has no weights_sha256, so its integrity cannot be checked")
+    if info is not None and info.weights_sha256 != sha256:
         raise VggOnnxError(f"{path}: does not match the sha256 in its JSON (an incomplete or mixed checkpoint)")
-    arrays, names = _check_tensors(path, _read_arrays(path, config))
-    found = detect_format(arrays)
-    if found is None:
-        sample = ", ".join(list(arrays)[:3])
-        raise VggOnnxError(f"{path}: no VGG weights in it (names like {sample}; expected torchvision's "
-                           "features.<i>.weight or Caffe's conv1_1 ... fc8)")
-    if fmt == "caffe" and found != "caffe":
-        raise UsageError(f"{path}: holds {found}-style names, not Caffe's (conv1_1 ... fc8); use --weights-format {found}")
-    if fmt in ("torchvision", "checkpoint") and found != "torchvision":
-        raise UsageError(f"{path}: holds Caffe-style names (conv1_1 ... fc8); use --weights-format caffe")
-    if found == "caffe":
-        arrays = caffe_to_torchvision(path, arrays, config, names)
+    arrays, names = _check_tensors(path, _read_arrays(path, config, fmt))
+    arrays, found = _to_torchvision(path, arrays, names, config, fmt)
     kind = "checkpoint" if info is not None else found
     return LoadedWeights(arrays, kind, os.path.basename(path), sha256, info, names)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vgg_onnx.errors import VggOnnxError
 from vgg_onnx.metadata import INPUT_NAME, PROBS_NAME, SCORES_NAME, ModelInfo
 from vgg_onnx.preprocessing import Normalization
 from vgg_onnx.train.model import VGG
@@ -233,7 +234,7 @@ def simplify(proto):
 
     simplified, ok = onnxsim.simplify(proto, check_n=0)
     if not ok:
-        raise RuntimeError("onnxsim could not validate the simplified graph")
+        raise VggOnnxError("onnxsim could not validate the simplified graph; export with --no-simplify")
     return simplified
 
 

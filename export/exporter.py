@@ -27,6 +27,7 @@ from vgg_onnx.train.model import VGG, count_parameters, init_weights
 FP32_BOUND = 1e-4  # maximum relative error against torch: fp32 rounding differences stay far below it
 FP16_BOUND = 1e-2  # fp16 weights carry ~3 significant digits; measured errors are ~1e-3
 VERIFY_SEED = 20150410
+MAX_GRAPH_BYTES = 2**31 - 2**24  # protobuf's 2 GiB message limit, less room for the graph itself
 
 
 def _stderr(message: str) -> None:
@@ -99,6 +100,19 @@ def verify(session, model: VGG, dense: DenseVGG, info: ModelInfo, bound: float, 
     return compare(session, torch_references(model, dense, info), bound, log)
 
 
+def check_graph_size(cfg, num_classes: int, width_mult: float, crop: int, fp16: bool) -> None:
+    """Refuse, before allocating anything, a net whose weights cannot fit in one ONNX file: the file
+    is one protobuf message, and protobuf refuses messages of 2 GiB or more (16 MiB are kept for
+    the graph and metadata). Large --classes or --crop values reach it (fc8 and fc6 grow with them)."""
+    with torch.device("meta"):
+        params = count_parameters(VGG(cfg, num_classes, width_mult, crop))
+    weight_bytes = params * (2 if fp16 else 4)
+    if weight_bytes > MAX_GRAPH_BYTES:
+        raise UsageError(f"VGG-{cfg.name} with {num_classes} classes, width {width_mult:g}, crop {crop} has "
+                         f"{params:,} parameters ({weight_bytes / 2**30:.1f} GiB); one ONNX file holds at most "
+                         f"{MAX_GRAPH_BYTES / 2**30:.2f} GiB of weights")
+
+
 def _writable(path: str, inputs: list[str | None]) -> None:
     check_writable(path, inputs)
     if os.path.exists(path) and not os.access(path, os.W_OK):
@@ -159,6 +173,7 @@ def export_model(out: str, config: str | None = None, weights: str | None = None
         width_mult = width_mult or (ckpt.width_mult if ckpt else None) or found.get("width_mult", 1.0)
         crop = crop or (ckpt.crop_size if ckpt else None) or found.get("crop_size", DEFAULT_CROP)
         check_crop(crop)
+        check_graph_size(cfg, num_classes, width_mult, crop, fp16)
         model = weights_io.build_model(weights, loaded.state_dict, cfg, num_classes, width_mult, crop, loaded.names)
         source, sha256, kind = loaded.source, loaded.sha256, loaded.format
         del loaded
@@ -168,6 +183,7 @@ def export_model(out: str, config: str | None = None, weights: str | None = None
         num_classes, width_mult, crop = num_classes or IMAGENET_CLASSES, width_mult or 1.0, crop or DEFAULT_CROP
         log(f"vgg-onnx export: no --weights given: RANDOM weights ({init} initialisation, seed {seed}); "
             "the model's predictions are meaningless")
+        check_graph_size(cfg, num_classes, width_mult, crop, fp16)  # before allocating the weights
         generator = torch.Generator().manual_seed(seed)
         model = init_weights(VGG(cfg, num_classes, width_mult, crop), init, generator).eval()
         source, sha256, kind, ckpt = "", "", "random", None

@@ -214,6 +214,17 @@ def test_a_fifo_output_is_written_in_place(tmp_path):
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)  # still the FIFO, not a regular file renamed over it
 
 
+def test_an_output_linked_to_stdout_writes_to_stdout(tmp_path):
+    # what `--output /dev/stdout` is, with the link in a scratch folder rather than the real /dev
+    link = tmp_path / "stdout"
+    link.symlink_to("/proc/self/fd/1")
+    code = f"from vgg_onnx.atomic import atomic_write_text, check_writable\n" \
+           f"check_writable({str(link)!r}); atomic_write_text({str(link)!r}, 'the results\\n')"
+    result = run_python(code)
+    assert result.returncode == 0 and result.stdout == "the results\n", result.stderr
+    assert link.is_symlink() and os.listdir(tmp_path) == ["stdout"]
+
+
 def test_a_fifo_nobody_reads_fails_at_once(tmp_path):
     fifo = tmp_path / "out.json"
     os.mkfifo(fifo)
@@ -435,3 +446,19 @@ def test_a_fifo_named_like_weights_is_refused_without_hanging(tmp_path):
     os.mkfifo(tmp_path / "w.pth")
     done, error = finishes(lambda: load_weights(str(tmp_path / "w.pth"), "A"))
     assert done and isinstance(error, VggOnnxError) and "not a regular file" in str(error)
+
+
+def test_export_refuses_a_net_too_large_for_one_onnx_file_before_allocating_it(tmp_path, cli_env):
+    # 10^8 classes: fc8 alone would be 1.6 TB; refused from the shapes, in a process capped at 4 GiB of address space
+    code = f"""
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+sys.argv = ["vgg-onnx", "export", "--config", "A", "--classes", "100000000", "--out", {str(tmp_path / "m.onnx")!r}]
+from vgg_onnx.cli import main
+main()
+"""
+    result = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, env=cli_env, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("vgg-onnx: error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "one ONNX file holds at most 1.98 GiB of weights" in errors[0]
+    assert os.listdir(tmp_path) == []

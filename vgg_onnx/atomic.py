@@ -133,11 +133,13 @@ class _PendingFile:
 
     def __init__(self, path: str):
         self.path = path
-        self.target = os.path.realpath(path)  # a symlink keeps pointing at the new content
-        mode = _existing_mode(self.target)
+        mode = _existing_mode(path)
         if mode is not None and not stat.S_ISREG(mode) and not _written_in_place(mode):
             raise VggOnnxError(f"{path}: is {_file_kind(mode)}; refusing to write there")
         self.in_place = _written_in_place(mode)
+        # a symlink keeps pointing at the new content; a device is opened by the name given, since
+        # /dev/stdout resolves to names such as /proc/<pid>/fd/pipe:[123] that cannot be opened
+        self.target = path if self.in_place else os.path.realpath(path)
         # a device's folder (/dev) is no place for a temporary file; the system's temp folder is
         folder = tempfile.gettempdir() if self.in_place else os.path.dirname(self.target)
         try:

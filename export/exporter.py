@@ -24,6 +24,9 @@ from vgg_onnx.metadata import INPUT_NAME, ModelInfo, sidecar_path
 from vgg_onnx.preprocessing import check_scales, normalization as preset_normalization
 from vgg_onnx.train.model import VGG, count_parameters, init_weights
 
+__all__ = ["Check", "ExportResult", "check_graph_size", "compare", "export_model", "torch_references",
+           "verification_sizes", "verify"]
+
 FP32_BOUND = 1e-4  # maximum relative error against torch: fp32 rounding differences stay far below it
 FP16_BOUND = 1e-2  # fp16 weights carry ~3 significant digits; measured errors are ~1e-3
 VERIFY_SEED = 20150410
@@ -113,21 +116,9 @@ def check_graph_size(cfg, num_classes: int, width_mult: float, crop: int, fp16: 
                          f"{MAX_GRAPH_BYTES / 2**30:.2f} GiB of weights")
 
 
-def _writable(path: str, inputs: list[str | None]) -> None:
-    check_writable(path, inputs)
-    if os.path.exists(path) and not os.access(path, os.W_OK):
-        raise UsageError(f"{path}: cannot write there (the file exists and is read-only)")
-
-
-def export_model(out: str, config: str | None = None, weights: str | None = None, weights_format: str = "auto",
-                 normalization: str | None = None, num_classes: int | None = None, width_mult: float | None = None,
-                 crop: int | None = None, train_scales: list[int] | None = None, opset: int = 17,
-                 fp16: bool = False, simplify: bool = True, init: str = "glorot", seed: int = 0,
-                 log=_stderr) -> ExportResult:
-    """Compile a VGG net to `out` (.onnx) and its JSON sidecar, verified; see `vgg-onnx export --help`."""
-    start = time.perf_counter()
-    out = os.fspath(out)
-    # --- cheap checks, before any slow work
+def _check_options(opset: int, crop: int | None, init: str, normalization: str | None, width_mult: float | None,
+                   num_classes: int | None, train_scales: list[int] | None) -> None:
+    """The option values that are wrong in themselves, found before any slow work."""
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise UsageError(f"opset {opset} is not supported: choose {MIN_OPSET}..{MAX_OPSET}")
     if crop is not None:
@@ -143,14 +134,11 @@ def export_model(out: str, config: str | None = None, weights: str | None = None
     if train_scales is not None and (len(train_scales) not in (1, 2)
                                      or (len(train_scales) == 2 and train_scales[0] >= train_scales[1])):
         raise UsageError(f"--train-scale {','.join(map(str, train_scales))}: give S or Smin,Smax with Smin < Smax")
-    sidecar = sidecar_path(out)
 
+
+def _resolve_config(config: str | None, weights: str | None, weights_format: str):
+    """The config to build: --config, or the one a checkpoint's JSON names (they must agree)."""
     from vgg_onnx.train import weights as weights_io
-
-    # neither output may replace what the export reads: the weights, or a checkpoint's JSON
-    inputs = [weights, weights_io.checkpoint_json(weights)] if weights is not None else []
-    _writable(out, inputs)
-    _writable(sidecar, inputs)
 
     checkpoint = None
     if weights is not None and (weights_format == "checkpoint"
@@ -161,34 +149,13 @@ def export_model(out: str, config: str | None = None, weights: str | None = None
         config = checkpoint.config
     if config is None:
         raise UsageError("--config is required (unless --weights is one of our checkpoints, which names it)")
-    cfg = parse_config(config)
+    return parse_config(config)
 
-    # --- the model
-    if weights is not None:
-        log(f"vgg-onnx export: reading weights {weights}")
-        loaded = weights_io.load_weights(weights, cfg, weights_format)
-        found = weights_io.infer_dimensions(loaded.state_dict, cfg)
-        ckpt = loaded.info
-        num_classes = num_classes or (ckpt.num_classes if ckpt else None) or found.get("num_classes", IMAGENET_CLASSES)
-        width_mult = width_mult or (ckpt.width_mult if ckpt else None) or found.get("width_mult", 1.0)
-        crop = crop or (ckpt.crop_size if ckpt else None) or found.get("crop_size", DEFAULT_CROP)
-        check_crop(crop)
-        check_graph_size(cfg, num_classes, width_mult, crop, fp16)
-        model = weights_io.build_model(weights, loaded.state_dict, cfg, num_classes, width_mult, crop, loaded.names)
-        source, sha256, kind = loaded.source, loaded.sha256, loaded.format
-        del loaded
-        log(f"vgg-onnx export: {kind} weights for VGG-{cfg.name}: {num_classes} classes, width {width_mult:g}, "
-            f"crop {crop}, sha256 {sha256[:12]}…")
-    else:
-        num_classes, width_mult, crop = num_classes or IMAGENET_CLASSES, width_mult or 1.0, crop or DEFAULT_CROP
-        log(f"vgg-onnx export: no --weights given: RANDOM weights ({init} initialisation, seed {seed}); "
-            "the model's predictions are meaningless")
-        check_graph_size(cfg, num_classes, width_mult, crop, fp16)  # before allocating the weights
-        generator = torch.Generator().manual_seed(seed)
-        model = init_weights(VGG(cfg, num_classes, width_mult, crop), init, generator).eval()
-        source, sha256, kind, ckpt = "", "", "random", None
 
-    # --- its description
+def _describe(cfg, model: VGG, kind: str, ckpt: ModelInfo | None, normalization: str | None, num_classes: int,
+              width_mult: float, crop: int, train_scales: list[int] | None, log=_stderr) -> ModelInfo:
+    """The model's metadata: the normalisation and scales asked for, else the checkpoint's, else the
+    defaults for the kind of weights (Caffe's BGR mean, torchvision's mean/std, the paper's mean)."""
     if normalization is None:
         norm = ckpt.normalization if ckpt else preset_normalization({"caffe": "caffe", "torchvision": "torchvision"}
                                                                     .get(kind, "paper"))
@@ -203,10 +170,78 @@ def export_model(out: str, config: str | None = None, weights: str | None = None
     check_scales(train_scales, crop)
     classes = ckpt.classes if ckpt and ckpt.num_classes == num_classes else default_classes(num_classes)
     info = ModelInfo(cfg.name, classes, norm, crop_size=crop, width_mult=width_mult, train_scales=list(train_scales),
-                     param_count=count_parameters(model), weights_source=source, weights_sha256=sha256)
+                     param_count=count_parameters(model))
     log(f"vgg-onnx export: normalization {norm.preset} ({norm.channel_order}, mean {', '.join(f'{m:g}' for m in norm.mean_rgb)}"
         f"{', std ' + ', '.join(f'{s:g}' for s in norm.std_rgb) if any(s != 1 for s in norm.std_rgb) else ''}); "
         f"train scales {train_scales}, test scales {info.test_scales}; {info.param_count:,} parameters")
+    return info
+
+
+def _model_from_weights(weights: str, weights_format: str, cfg, num_classes: int | None, width_mult: float | None,
+                        crop: int | None, fp16: bool, log=_stderr) -> tuple:
+    """(model, checkpoint info or None, (source, sha256, kind), (classes, width, crop)) from a weights
+    file; the sizes not given are the checkpoint's, else read from the weights, else the defaults."""
+    from vgg_onnx.train import weights as weights_io
+
+    log(f"vgg-onnx export: reading weights {weights}")
+    loaded = weights_io.load_weights(weights, cfg, weights_format)
+    found = weights_io.infer_dimensions(loaded.state_dict, cfg)
+    ckpt = loaded.info
+    num_classes = num_classes or (ckpt.num_classes if ckpt else None) or found.get("num_classes", IMAGENET_CLASSES)
+    width_mult = width_mult or (ckpt.width_mult if ckpt else None) or found.get("width_mult", 1.0)
+    crop = crop or (ckpt.crop_size if ckpt else None) or found.get("crop_size", DEFAULT_CROP)
+    check_crop(crop)
+    check_graph_size(cfg, num_classes, width_mult, crop, fp16)
+    model = weights_io.build_model(weights, loaded.state_dict, cfg, num_classes, width_mult, crop, loaded.names)
+    source, sha256, kind = loaded.source, loaded.sha256, loaded.format
+    del loaded
+    log(f"vgg-onnx export: {kind} weights for VGG-{cfg.name}: {num_classes} classes, width {width_mult:g}, "
+        f"crop {crop}, sha256 {sha256[:12]}…")
+    return model, ckpt, (source, sha256, kind), (num_classes, width_mult, crop)
+
+
+def _writable(path: str, inputs: list[str | None]) -> None:
+    check_writable(path, inputs)
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UsageError(f"{path}: cannot write there (the file exists and is read-only)")
+
+
+def export_model(out: str, config: str | None = None, weights: str | None = None, weights_format: str = "auto",
+                 normalization: str | None = None, num_classes: int | None = None, width_mult: float | None = None,
+                 crop: int | None = None, train_scales: list[int] | None = None, opset: int = 17,
+                 fp16: bool = False, simplify: bool = True, init: str = "glorot", seed: int = 0,
+                 log=_stderr) -> ExportResult:
+    """Compile a VGG net to `out` (.onnx) and its JSON sidecar, verified; see `vgg-onnx export --help`."""
+    start = time.perf_counter()
+    out = os.fspath(out)
+    _check_options(opset, crop, init, normalization, width_mult, num_classes, train_scales)  # before slow work
+    sidecar = sidecar_path(out)
+
+    from vgg_onnx.train import weights as weights_io
+
+    # neither output may replace what the export reads: the weights, or a checkpoint's JSON
+    inputs = [weights, weights_io.checkpoint_json(weights)] if weights is not None else []
+    _writable(out, inputs)
+    _writable(sidecar, inputs)
+
+    cfg = _resolve_config(config, weights, weights_format)
+
+    # --- the model
+    if weights is not None:
+        model, ckpt, (source, sha256, kind), (num_classes, width_mult, crop) = _model_from_weights(
+            weights, weights_format, cfg, num_classes, width_mult, crop, fp16, log)
+    else:
+        num_classes, width_mult, crop = num_classes or IMAGENET_CLASSES, width_mult or 1.0, crop or DEFAULT_CROP
+        log(f"vgg-onnx export: no --weights given: RANDOM weights ({init} initialisation, seed {seed}); "
+            "the model's predictions are meaningless")
+        check_graph_size(cfg, num_classes, width_mult, crop, fp16)  # before allocating the weights
+        generator = torch.Generator().manual_seed(seed)
+        model = init_weights(VGG(cfg, num_classes, width_mult, crop), init, generator).eval()
+        source, sha256, kind, ckpt = "", "", "random", None
+
+    # --- its description
+    info = _describe(cfg, model, kind, ckpt, normalization, num_classes, width_mult, crop, train_scales, log)
+    info.weights_source, info.weights_sha256 = source, sha256
 
     # --- compile, write, check, verify, rename
     log(f"vgg-onnx export: compiling (opset {opset}, {'fp16 weights' if fp16 else 'fp32'}"

@@ -282,10 +282,8 @@ with atomic_path({str(out)!r}) as tmp:
     assert remove_stale_temps(out) == []
 
 
-def test_a_pair_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
-    model, sidecar = tmp_path / "m.onnx", tmp_path / "m.json"
-    model.write_text("old model")
-    sidecar.write_text("old json")
+def full_disk_on_json(monkeypatch):
+    """Every .json output fails with "No space left on device" when it is flushed to disk."""
     real_sync = atomic._PendingFile.sync
 
     def full_disk_on_the_sidecar(self):
@@ -294,6 +292,13 @@ def test_a_pair_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
         real_sync(self)
 
     monkeypatch.setattr(atomic._PendingFile, "sync", full_disk_on_the_sidecar)
+
+
+def test_a_pair_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    model, sidecar = tmp_path / "m.onnx", tmp_path / "m.json"
+    model.write_text("old model")
+    sidecar.write_text("old json")
+    full_disk_on_json(monkeypatch)
     with pytest.raises(VggOnnxError, match=r"m\.json: cannot write: No space left on device"):
         with atomic_paths([model, sidecar]) as (tmp_model, tmp_sidecar):
             open(tmp_model, "w").write("new model")
@@ -362,14 +367,7 @@ def test_export_leaves_the_old_pair_when_the_sidecar_cannot_be_written(tmp_path,
     out, sidecar = tmp_path / "m.onnx", tmp_path / "m.json"
     out.write_bytes(b"old model")
     sidecar.write_text("old json")
-    real_sync = atomic._PendingFile.sync
-
-    def full_disk_on_the_sidecar(self):
-        if self.path.endswith(".json"):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_sync(self)
-
-    monkeypatch.setattr(atomic._PendingFile, "sync", full_disk_on_the_sidecar)
+    full_disk_on_json(monkeypatch)
     with pytest.raises(VggOnnxError, match=r"m\.json: cannot write: No space left on device"):
         export_model(out, "A", **SMALL, simplify=False, log=quiet)
     assert out.read_bytes() == b"old model" and sidecar.read_text() == "old json"
@@ -462,3 +460,13 @@ main()
     assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "one ONNX file holds at most 1.98 GiB of weights" in errors[0]
     assert os.listdir(tmp_path) == []
+
+
+def test_an_oversized_checkpoint_json_is_refused_unread(checkpoint, tmp_path):
+    from vgg_onnx.train.weights import MAX_JSON_BYTES, read_checkpoint_info
+
+    (tmp_path / "big.safetensors").write_bytes((checkpoint / "best.safetensors").read_bytes())
+    with open(tmp_path / "big.json", "wb") as f:  # sparse
+        f.truncate(MAX_JSON_BYTES + 1)
+    with pytest.raises(VggOnnxError, match=r"big\.json: over 64 MiB, too large for a checkpoint's JSON"):
+        read_checkpoint_info(str(tmp_path / "big.safetensors"))

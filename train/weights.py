@@ -29,13 +29,15 @@ from vgg_onnx.metadata import FORMAT_KEY, ModelInfo
 from vgg_onnx.train.checkpoint import WEIGHTS_SUFFIX, json_path_for
 from vgg_onnx.train.model import VGG
 
-__all__ = ["FORMATS", "LoadedWeights", "build_model", "caffe_to_torchvision", "check_shapes", "checkpoint_json",
+__all__ = ["FORMATS", "LoadedWeights", "build_model", "caffe_to_torchvision", "check_consistency", "check_shapes", "checkpoint_json",
            "detect_format", "file_sha256", "infer_dimensions", "load_weights", "read_checkpoint_info"]
 
 FORMATS = ("auto", "torchvision", "caffe", "checkpoint")
 # deflate shrinks trained float weights by a few percent, zeros by up to 1000:1; more than this
 # ratio is not weights but a zip bomb, refused before it is decompressed
 MAX_NPZ_RATIO = 16
+# a checkpoint's JSON: metadata and class names (ImageNet-21k's 21,841 take about 2 MiB)
+MAX_JSON_BYTES = 64 << 20
 NPY_HEADER_MAX = 10_000  # bytes; numpy's own default bound on a .npy header
 NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 CAFFE_KEY = re.compile(r"^(conv\d+_\d+|fc[678])[._/](weight|bias|w|b|0|1)$", re.IGNORECASE)
@@ -78,8 +80,11 @@ def read_checkpoint_info(path: str) -> ModelInfo:
     if json_path is None:
         raise UsageError(f"{path}: not one of our checkpoints (those are X.safetensors with X.json beside it)")
     try:
-        with open(json_path, encoding="utf-8") as f:
-            document = json.load(f)
+        with open(json_path, "rb") as f:
+            text = f.read(MAX_JSON_BYTES + 1)
+        if len(text) > MAX_JSON_BYTES:
+            raise VggOnnxError(f"{json_path}: over {MAX_JSON_BYTES >> 20} MiB, too large for a checkpoint's JSON")
+        document = json.loads(text.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise VggOnnxError(f"{json_path}: cannot read the checkpoint's JSON ({_one_line(e)})") from None
     if not isinstance(document, dict) or FORMAT_KEY not in document:

@@ -1,4 +1,4 @@
-"""The project's preprocessing conventions (PAPER.md §5), shared by training and the runtime.
+"""The project's preprocessing conventions (docs/protocol.md §5), shared by training and the runtime.
 
 numpy and OpenCV only. Every implementation (Python, the C++ and Node hosts) follows these
 rules so that all produce the same numbers; export records them in the model's metadata.
@@ -81,7 +81,7 @@ def crop_boxes(width: int, height: int, crop: int, n: int = GRID_SIZE) -> list[t
 
 
 def default_test_scales(train_scales: list[int], crop: int = 0) -> list[int]:
-    """PAPER.md §3: {S-32, S, S+32} for fixed S, {Smin, (Smin+Smax)/2, Smax} for jittered S.
+    """docs/protocol.md §3: {S-32, S, S+32} for fixed S, {Smin, (Smin+Smax)/2, Smax} for jittered S.
 
     A scale under the crop size cannot be evaluated: it is raised to the crop (S-32 < crop
     happens for small training scales such as S = 146 with crop 128).

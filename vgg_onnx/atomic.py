@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator
 
 from .errors import UsageError, VggOnnxError
 
-__all__ = ["atomic_path", "atomic_paths", "atomic_write_bytes", "atomic_write_text", "check_writable",
+__all__ = ["atomic_path", "atomic_paths", "atomic_write_bytes", "atomic_write_text", "check_writable", "file_kind",
            "remove_stale_temps", "same_file"]
 
 TEMP_SUFFIX = ".tmp"
@@ -43,8 +43,10 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
-def _file_kind(mode: int) -> str:
-    for test, name in ((stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, for messages: "a FIFO", "a character device"..."""
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
         if test(mode):
             return name
     return "not a regular file"
@@ -81,7 +83,7 @@ def check_writable(path: str | os.PathLike, inputs: Iterable[str | os.PathLike |
     if _written_in_place(mode):
         return
     if mode is not None and not stat.S_ISREG(mode):
-        raise UsageError(f"{path}: is {_file_kind(mode)}; refusing to write there")
+        raise UsageError(f"{path}: is {file_kind(mode)}; refusing to write there")
     folder = os.path.dirname(os.path.realpath(path)) or "."
     probe_dir = folder
     while not os.path.exists(probe_dir):  # folders we would create
@@ -135,7 +137,7 @@ class _PendingFile:
         self.path = path
         mode = _existing_mode(path)
         if mode is not None and not stat.S_ISREG(mode) and not _written_in_place(mode):
-            raise VggOnnxError(f"{path}: is {_file_kind(mode)}; refusing to write there")
+            raise VggOnnxError(f"{path}: is {file_kind(mode)}; refusing to write there")
         self.in_place = _written_in_place(mode)
         # a symlink keeps pointing at the new content; a device is opened by the name given, since
         # /dev/stdout resolves to names such as /proc/<pid>/fd/pipe:[123] that cannot be opened

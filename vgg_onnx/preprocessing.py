@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .atomic import file_kind
 from .errors import UsageError, VggOnnxError
 
 __all__ = ["CONVENTIONS", "DECODER_MAX_PIXELS", "DEFAULT_MAX_PIXELS", "GRID_SIZE", "IMAGE_EXTENSIONS",
@@ -346,14 +347,6 @@ def max_file_bytes(max_pixels: int) -> int:
     return 9 * max_pixels + (64 << 20)
 
 
-def _file_kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
 def read_image_file(path: str | os.PathLike, max_bytes: int) -> bytes:
     """The bytes of a regular file of at most `max_bytes`; anything else is an ImageError naming it.
 
@@ -364,14 +357,14 @@ def read_image_file(path: str | os.PathLike, max_bytes: int) -> bytes:
     try:
         mode = os.stat(path).st_mode
         if not stat.S_ISREG(mode):
-            raise ImageError(f"{path}: cannot read: {_file_kind(mode)}, not a regular file")
+            raise ImageError(f"{path}: cannot read: {file_kind(mode)}, not a regular file")
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise ImageError(f"{path}: cannot read: {e.strerror or e}") from None
     with open(fd, "rb") as f:
         opened = os.fstat(fd)
         if not stat.S_ISREG(opened.st_mode):
-            raise ImageError(f"{path}: cannot read: {_file_kind(opened.st_mode)}, not a regular file")
+            raise ImageError(f"{path}: cannot read: {file_kind(opened.st_mode)}, not a regular file")
         if opened.st_size > max_bytes:
             raise ImageError(f"{path}: {opened.st_size} bytes is more than an image within the pixel limit "
                              f"can take ({max_bytes} bytes)")

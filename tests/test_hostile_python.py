@@ -308,9 +308,11 @@ def test_a_pair_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
 
 
 def test_a_full_disk_while_writing_names_the_output(tmp_path):
-    with pytest.raises(VggOnnxError, match=r"out\.txt: cannot write: No space left on device"):
+    with pytest.raises(VggOnnxError, match=r"out\.txt: cannot write: No space left on device") as caught:
         with atomic_path(tmp_path / "out.txt"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    # still an OSError with its errno, for the callers that tell a full disk apart
+    assert isinstance(caught.value, OSError) and caught.value.errno == errno.ENOSPC
     assert os.listdir(tmp_path) == []
 
 

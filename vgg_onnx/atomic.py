@@ -24,7 +24,7 @@ import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 
-from .errors import UsageError, VggOnnxError
+from .errors import OutputWriteError, UsageError, VggOnnxError
 
 __all__ = ["atomic_path", "atomic_paths", "atomic_write_bytes", "atomic_write_text", "check_writable", "file_kind",
            "remove_stale_temps", "same_file"]
@@ -187,7 +187,7 @@ def _settle(pending: _PendingFile, step) -> None:
     except OSError as e:
         if e.errno not in WRITE_ERRNOS:
             raise
-        raise VggOnnxError(f"{pending.path}: cannot write: {e.strerror or e}") from None
+        raise OutputWriteError(pending.path, e) from None
 
 
 @contextlib.contextmanager
@@ -211,7 +211,7 @@ def atomic_paths(paths: Iterable[str | os.PathLike]) -> Iterator[list[str]]:
             if e.errno not in WRITE_ERRNOS:
                 raise
             blamed = [p.path for p in pending if e.filename == p.tmp] or paths
-            raise VggOnnxError(f"{' and '.join(blamed)}: cannot write: {e.strerror or e}") from None
+            raise OutputWriteError(" and ".join(blamed), e) from None
         for current in pending:
             _settle(current, current.sync)
         for current in pending:

@@ -279,6 +279,9 @@ def image_size_from_header(data: bytes) -> tuple[int, int]:
     raise ImageError("not a supported image (JPEG, PNG, BMP, GIF, WebP, TIFF or PNM)")
 
 
+_OPENCV_QUIET = False  # set once OpenCV's logging is silenced
+
+
 def _opencv():
     """cv2, with its own log lines silenced: every failure reaches the user as one ImageError line."""
     import cv2
@@ -288,9 +291,6 @@ def _opencv():
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
         _OPENCV_QUIET = True
     return cv2
-
-
-_OPENCV_QUIET = False
 
 
 def check_pixel_limit(width: int, height: int, max_pixels: int) -> None:

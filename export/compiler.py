@@ -18,9 +18,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from vgg_onnx.errors import VggOnnxError
 from vgg_onnx.metadata import INPUT_NAME, PROBS_NAME, SCORES_NAME, ModelInfo
 from vgg_onnx.preprocessing import Normalization
 from vgg_onnx.train.model import VGG
+
+__all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "DenseVGG", "attach_weights", "build_graph", "compile_model",
+           "linear_to_conv", "reference_outputs", "relative_error", "simplify", "to_onnx"]
 
 DEFAULT_OPSET = 17  # also parses in OpenCV 4.6's DNN importer
 MIN_OPSET, MAX_OPSET = 13, 21  # Softmax over one axis from 13; onnxruntime 1.31 loads up to 21 here
@@ -233,7 +237,7 @@ def simplify(proto):
 
     simplified, ok = onnxsim.simplify(proto, check_n=0)
     if not ok:
-        raise RuntimeError("onnxsim could not validate the simplified graph")
+        raise VggOnnxError("onnxsim could not validate the simplified graph; export with --no-simplify")
     return simplified
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -137,7 +138,9 @@ def test_checkpoint_defaults_come_from_its_json(tmp_path):
     classes = tuple(ClassInfo(i, f"n0000000{i}", f"thing {i}") for i in range(10))
     info = ModelInfo("A", classes, normalization("paper", (120.5, 110.25, 100.0)), crop_size=64, width_mult=0.125,
                      train_scales=[80, 128])
-    (tmp_path / "best.json").write_text(json.dumps(info.to_json_dict() | {"training": {"epoch": 7}}))
+    sha256 = hashlib.sha256((tmp_path / "best.safetensors").read_bytes()).hexdigest()
+    (tmp_path / "best.json").write_text(json.dumps(info.to_json_dict() | {"training": {"epoch": 7},
+                                                                           "weights_sha256": sha256}))
     out = tmp_path / "ckpt.onnx"
     result = export_model(out, None, str(tmp_path / "best.safetensors"), log=quiet)
     got = result.info

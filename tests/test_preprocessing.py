@@ -1,4 +1,4 @@
-"""The preprocessing conventions (PAPER.md §5) and the decoder's handling of bad and odd images."""
+"""The preprocessing conventions (docs/protocol.md §5) and the decoder's handling of bad and odd images."""
 
 from __future__ import annotations
 

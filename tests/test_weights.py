@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from vgg_onnx.configs import parse_config
 from vgg_onnx.errors import VggOnnxError
 from vgg_onnx.train.model import VGG, init_weights
-from vgg_onnx.train.weights import build_model, infer_dimensions, load_weights
+from vgg_onnx.train.weights import build_model, file_sha256, infer_dimensions, load_weights
 
 CONFIG = "A"
 
@@ -110,7 +110,7 @@ def test_checkpoint_with_json(tmp_path):
     save_file(model.state_dict(), str(path))
     info = ModelInfo("A", default_classes(10), normalization("paper", (120.0, 115.0, 100.0)), crop_size=64,
                      width_mult=0.125, train_scales=[96])
-    document = info.to_json_dict() | {"training": {"epoch": 1}}
+    document = info.to_json_dict() | {"training": {"epoch": 1}, "weights_sha256": file_sha256(str(path))}
     (tmp_path / "best.json").write_text(json.dumps(document))
     loaded = load_weights(str(path), CONFIG)
     assert loaded.format == "checkpoint" and loaded.info.normalization.mean_rgb == (120.0, 115.0, 100.0)
@@ -118,6 +118,10 @@ def test_checkpoint_with_json(tmp_path):
     # the JSON records the weights' sha256: a mixed-up pair is refused
     (tmp_path / "best.json").write_text(json.dumps(document | {"weights_sha256": "0" * 64}))
     with pytest.raises(VggOnnxError, match="does not match the sha256"):
+        load_weights(str(path), CONFIG)
+    # an empty sha256 does not switch the check off
+    (tmp_path / "best.json").write_text(json.dumps(document | {"weights_sha256": ""}))
+    with pytest.raises(VggOnnxError, match="no weights_sha256, so its integrity cannot be checked"):
         load_weights(str(path), CONFIG)
 
 

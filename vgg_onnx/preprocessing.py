@@ -7,14 +7,29 @@ rules so that all produce the same numbers; export records them in the model's m
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .atomic import file_kind
 from .errors import UsageError, VggOnnxError
 
+__all__ = ["CONVENTIONS", "DECODER_MAX_PIXELS", "DEFAULT_MAX_PIXELS", "GRID_SIZE", "IMAGE_EXTENSIONS",
+           "IMAGENET_MEAN_RGB", "NORMALIZATIONS", "ImageError", "Normalization", "check_pixel_limit",
+           "check_scales", "crop_boxes", "decode_image", "default_test_scales", "grid_offsets",
+           "image_size_from_header", "load_image", "max_file_bytes", "mirror", "normalization", "parse_scales",
+           "read_image_file", "rescale", "rescaled_size"]
+
 DEFAULT_MAX_PIXELS = 100_000_000  # refuse larger images from their header, before decoding
+# OpenCV's own limit, the backstop behind the header check: it reads OPENCV_IO_MAX_IMAGE_PIXELS
+# when it first decodes an image, so it is set here (unless the user set it) before any decode.
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(DEFAULT_MAX_PIXELS))
+try:
+    DECODER_MAX_PIXELS = int(os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"])
+except ValueError:
+    DECODER_MAX_PIXELS = DEFAULT_MAX_PIXELS
 GRID_SIZE = 5  # multi-crop: a 5x5 grid of crops per scale
 
 
@@ -180,18 +195,31 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
     raise ImageError("truncated or corrupt JPEG (no frame header)")
 
 
+# TIFF field types that libtiff converts to an integer ImageWidth/ImageLength: type -> (format, size)
+TIFF_INTEGER_TYPES = {1: ("B", 1), 3: ("H", 2), 4: ("I", 4), 6: ("b", 1), 8: ("h", 2), 9: ("i", 4)}
+
+
 def _tiff_size(data: bytes) -> tuple[int, int]:
+    """The largest ImageWidth and ImageLength declared in the first directory (the one OpenCV reads).
+
+    A tag may appear more than once; libtiff keeps the first, other readers the last. Whichever
+    copy a decoder uses, it is one of these values, so their maximum bounds the decoded size.
+    """
     order = "<" if data[:2] == b"II" else ">"
     try:
         (ifd,) = struct.unpack(order + "I", data[4:8])
         (count,) = struct.unpack(order + "H", data[ifd:ifd + 2])
-        found = {}
+        found: dict[int, int] = {}
         for i in range(count):
             entry = data[ifd + 2 + 12 * i: ifd + 14 + 12 * i]
-            tag, typ = struct.unpack(order + "HH", entry[:4])
-            if tag in (256, 257):
-                fmt = order + ("H" if typ == 3 else "I")
-                found[tag] = struct.unpack(fmt, entry[8:8 + struct.calcsize(fmt)])[0]
+            tag, typ, n = struct.unpack(order + "HHI", entry[:8])
+            if tag not in (256, 257):
+                continue
+            if typ not in TIFF_INTEGER_TYPES or n != 1:
+                raise ImageError(f"corrupt TIFF header (tag {tag} has type {typ}, count {n})")
+            fmt, size = TIFF_INTEGER_TYPES[typ]
+            value = struct.unpack(order + fmt, entry[8:8 + size])[0]
+            found[tag] = max(found.get(tag, value), value)
         return found[256], found[257]
     except (struct.error, KeyError):
         raise ImageError("truncated or corrupt TIFF header") from None
@@ -251,28 +279,54 @@ def image_size_from_header(data: bytes) -> tuple[int, int]:
     raise ImageError("not a supported image (JPEG, PNG, BMP, GIF, WebP, TIFF or PNM)")
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Encoded bytes -> HxWx3 uint8 RGB, by the project's decoding convention.
+_OPENCV_QUIET = False  # set once OpenCV's logging is silenced
 
-    Grayscale is replicated to three channels, alpha dropped, 16-bit scaled to 8 bits, EXIF
-    orientation applied. The size is checked against max_pixels from the header first.
-    """
+
+def _opencv():
+    """cv2, with its own log lines silenced: every failure reaches the user as one ImageError line."""
     import cv2
 
-    if not data:
-        raise ImageError("empty file")
-    width, height = image_size_from_header(data)
+    global _OPENCV_QUIET
+    if not _OPENCV_QUIET:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+        _OPENCV_QUIET = True
+    return cv2
+
+
+def check_pixel_limit(width: int, height: int, max_pixels: int) -> None:
+    """Refuse a width x height image over `max_pixels` (or of no size) with the user's option named."""
     if width <= 0 or height <= 0:
         raise ImageError(f"invalid image size {width}x{height}")
     if width * height > max_pixels:
         raise ImageError(f"{width}x{height} image exceeds the pixel limit of {max_pixels} (--max-pixels)")
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded bytes -> HxWx3 uint8 RGB, by the project's decoding convention.
+
+    Grayscale is replicated to three channels, alpha dropped, 16-bit scaled to 8 bits, EXIF
+    orientation applied. The size is checked against max_pixels from the header first (an
+    upper bound of what the decoder will allocate), by OpenCV's own limit while decoding
+    (OPENCV_IO_MAX_IMAGE_PIXELS, see DECODER_MAX_PIXELS) and on the decoded image.
+    """
+    if not data:
+        raise ImageError("empty file")
+    check_pixel_limit(*image_size_from_header(data), max_pixels)
     if data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data:
         raise ImageError("truncated PNG (no IEND chunk)")
+    cv2 = _opencv()
     # ANYDEPTH keeps 16-bit samples; ANYCOLOR gives 1 or 3 channels (alpha dropped, CMYK
     # converted); any flag but IMREAD_UNCHANGED applies the EXIF orientation.
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    except cv2.error as e:
+        if "CV_IO_MAX_IMAGE" in str(e):
+            raise ImageError(f"image exceeds the decoder's pixel limit of {DECODER_MAX_PIXELS} "
+                             "(OPENCV_IO_MAX_IMAGE_PIXELS)") from None
+        raise ImageError("cannot decode image (corrupt or unsupported)") from None
     if image is None:
         raise ImageError("cannot decode image (corrupt or unsupported)")
+    check_pixel_limit(image.shape[1], image.shape[0], max_pixels)
     if image.dtype == np.uint16:
         image = ((image.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
     elif image.dtype != np.uint8:
@@ -282,13 +336,53 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Read and decode an image file; errors name the file and the problem in one line."""
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest image file worth reading for an image of at most `max_pixels`.
+
+    The most a supported format spends on a pixel is 8 bytes (16-bit RGBA, uncompressed TIFF or
+    PNG), plus up to 1 byte of row framing per pixel (a one-pixel-wide PNG has a filter byte per
+    row); 64 MiB more covers the metadata a photo carries (EXIF, ICC profile, thumbnails). A
+    larger file cannot be an image within the limit, so it is refused unread.
+    """
+    return 9 * max_pixels + (64 << 20)
+
+
+def read_image_file(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most `max_bytes`; anything else is an ImageError naming it.
+
+    A FIFO or a device named like an image would block or never end: the name is checked with
+    stat, opened non-blocking (so a FIFO cannot hang open()), and the open file checked again
+    (the name may have been replaced in between).
+    """
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise ImageError(f"{path}: cannot read: {file_kind(mode)}, not a regular file")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise ImageError(f"{path}: cannot read: {e.strerror or e}") from None
+    with open(fd, "rb") as f:
+        opened = os.fstat(fd)
+        if not stat.S_ISREG(opened.st_mode):
+            raise ImageError(f"{path}: cannot read: {file_kind(opened.st_mode)}, not a regular file")
+        if opened.st_size > max_bytes:
+            raise ImageError(f"{path}: {opened.st_size} bytes is more than an image within the pixel limit "
+                             f"can take ({max_bytes} bytes)")
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as e:
+            raise ImageError(f"{path}: cannot read: {e.strerror or e}") from None
+    if len(data) > max_bytes:  # it grew while being read
+        raise ImageError(f"{path}: more than {max_bytes} bytes, more than an image within the pixel limit can take")
+    return data
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read and decode an image file; errors name the file and the problem in one line.
+
+    Only regular files of at most max_file_bytes(max_pixels) are read (see read_image_file).
+    """
+    data = read_image_file(path, max_file_bytes(max_pixels))
     try:
         return decode_image(data, max_pixels)
     except ImageError as e:

@@ -74,15 +74,15 @@ def infer_command(paths, models, scales, no_flip, provider, threads, batch_size,
     """
     if k < 1:
         raise UsageError(f"--top-k {k} must be at least 1")
-    if output:
-        check_writable(output)
-    heatmaps = open_heatmaps(heatmap_dir)
     models = resolve_models(models)
-    evaluator = build_evaluator(models, scales, no_flip, provider, threads, batch_size, workers, max_pixels,
-                                (method,), heatmap=bool(heatmap_dir))
     files, missing = collect_images(list(paths))
     if not files and not missing:
         raise VggOnnxError(f"no images found in {', '.join(paths)}")
+    if output:  # before the models load: never replace a model or an image with the results
+        check_writable(output, inputs=[*models, *files])
+    heatmaps = open_heatmaps(heatmap_dir)
+    evaluator = build_evaluator(models, scales, no_flip, provider, threads, batch_size, workers, max_pixels,
+                                (method,), heatmap=bool(heatmap_dir))
     announce_work(evaluator, len(files))
     sink = OutputFile(output) if output else None
     writer = RecordWriter(sink.buffer if sink else sys.stdout, fmt)

@@ -69,12 +69,14 @@ def eval_command(data_dir, models, scales, no_flip, provider, threads, batch_siz
     method_list = check_methods([m.strip() for m in methods.split(",") if m.strip()])
     if limit is not None and limit < 1:
         raise UsageError(f"--limit {limit} must be at least 1")
-    if output:
-        check_writable(output)
     models = resolve_models(models)
+    if output:  # never replace a model or the labels file with the report
+        check_writable(output, inputs=[*models, labels_file])
     evaluator = build_evaluator(models, scales, no_flip, provider, threads, batch_size, workers, max_pixels,
                                 method_list)
     items = limit_round_robin(labelled_images(data_dir, evaluator.classes, labels_file), limit)
+    if output:  # nor one of the images
+        check_writable(output, inputs=[item[0] for item in items])
     announce_work(evaluator, len(items))
     counter = ErrorCounter(method_list, len(models))
     start = time.perf_counter()

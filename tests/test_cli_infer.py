@@ -349,3 +349,18 @@ def test_closed_pipe_is_quiet(small_model, cli_env):
     proc = subprocess.run([PYTHON, "-c", script, PYTHON, "-m", "vgg_onnx", "infer", str(SAMPLES), "--model",
                            str(small_model), "--format", "jsonl"], env=cli_env, cwd=REPO, timeout=300)
     assert proc.returncode == 0
+
+
+@pytest.mark.parametrize("target", ["image", "image-link", "model"])
+def test_output_never_replaces_an_input(small_model, tmp_path, target):
+    """`--output` naming an input image or the model (by any name) is a usage error, and the
+    input is untouched."""
+    image = tmp_path / "a.png"
+    shutil.copy(SAMPLES / "coffee.png", image)
+    (tmp_path / "link.png").symlink_to(image)
+    output = {"image": image, "image-link": tmp_path / "link.png", "model": small_model}[target]
+    before = output.read_bytes()
+    result = infer(image, "--model", small_model, "--output", output)
+    assert result.exit_code == 2, result.output
+    assert "is one of this command's inputs" in result.output
+    assert output.read_bytes() == before

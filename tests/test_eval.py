@@ -144,3 +144,13 @@ def test_table_aligns_when_an_error_is_100():
     for column in ("dense", "both"):  # each column's right edge is the header's
         edge = lines[1].index(column) + len(column)
         assert all(line[edge - 1] != " " and (edge == len(line) or line[edge] == " ") for line in lines[3:5])
+
+
+def test_output_never_replaces_the_model_or_an_image(small_model, known_folder):
+    image = next(p for p in sorted(known_folder.rglob("*")) if p.is_file())
+    for output in (small_model, image):
+        before = output.read_bytes()
+        result = CliRunner().invoke(main, ["eval", str(known_folder), "--model", str(small_model),
+                                           "--output", str(output)])
+        assert result.exit_code == 2, result.output
+        assert output.read_bytes() == before

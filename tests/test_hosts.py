@@ -31,10 +31,11 @@ def unavailable(reason: str):
 
 
 @pytest.fixture(scope="session")
-def cpp_host(tmp_path_factory) -> list[str]:
+def cpp_host() -> list[str]:
+    """runtime/cpp built into runtime/cpp/build (ignored by git; rebuilt only where changed)."""
     if not shutil.which("cmake") or not shutil.which("c++"):
         unavailable("cmake or a C++ compiler is not installed")
-    build = tmp_path_factory.mktemp("cpp-build")
+    build = REPO / "runtime" / "cpp" / "build"
     configure = subprocess.run(["cmake", "-S", str(REPO / "runtime" / "cpp"), "-B", str(build),
                                 "-DCMAKE_BUILD_TYPE=Release"], capture_output=True, text=True)
     if configure.returncode:

@@ -252,11 +252,64 @@ def test_unusable_model_file_is_one_line(host, tmp_path, content, fragment):
     (("--scales", "abc"), "comma-separated"),
     (("--scales", "32"), "smaller than the model's crop size 64"),
     (("--frobnicate",), "unknown option"),
-], ids=["not-numbers", "below-crop", "unknown-option"])
+    (("--max-pixels", "0"), "--max-pixels 0 must be positive"),
+], ids=["not-numbers", "below-crop", "unknown-option", "max-pixels-zero"])
 def test_usage_errors_exit_2(host, small_model, options, fragment):
     records, result = classify(host, small_model, [SAMPLES / "chelsea.png"], *options)
     assert result.returncode == 2 and records is None
     one_error_line(result, fragment)
+
+
+def python_infer_errors(model, images, *options) -> dict[str, str]:
+    result = subprocess.run([sys.executable, "-m", "vgg_onnx", "infer", *map(str, images), "--model", str(model),
+                             "--format", "json", "--provider", "cpu", *options], capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr
+    return {record["path"]: record.get("error") for record in json.loads(result.stdout)}
+
+
+@pytest.mark.parametrize("max_pixels, scales, message", [
+    # chelsea.png is 451 x 300: over a limit of 100,000 itself; rescaled to 384, over 200,000
+    ("100000", "64", "451x300 image exceeds the pixel limit of 100000 (--max-pixels)"),
+    ("200000", "384", "rescaled to 577x384 it would exceed the pixel limit of 200000"),
+], ids=["image", "rescaled"])
+def test_pixel_limit_is_pythons(host, small_model, tmp_path, max_pixels, scales, message):
+    """The same limit, option and message as vgg-onnx infer; the other images still classified."""
+    import cv2
+
+    image, small = str(SAMPLES / "chelsea.png"), str(tmp_path / "small.png")
+    cv2.imwrite(small, np.full((60, 80, 3), 90, np.uint8))  # within both limits at every scale used
+    options = ("--max-pixels", max_pixels, "--scales", scales, "--no-flip")
+    records, result = classify(host, small_model, [image, small], *options)
+    assert result.returncode == 1
+    assert records[0] == {"path": image, "error": f"{image}: {message}"}
+    assert "top_k" in records[1]
+    assert python_infer_errors(small_model, [image, small], *options)[image] == records[0]["error"]
+    one_error_line(result, message)
+
+
+def test_node_takes_a_command_line_longer_than_onnxruntime_can(node_host, small_model, tmp_path):
+    """onnxruntime-node 1.30 segfaults when its process's command line is over ~16,000 bytes: the
+    CLI hands long argument lists to a copy of itself over a pipe."""
+    stem = "a-long-file-name-" * 6
+    images = []
+    for i in range(240):  # 240 paths of ~140 bytes: over 32,000 bytes of arguments
+        path = tmp_path / f"{stem}{i:03d}.png"
+        if i % 40 == 0:
+            path.symlink_to(SAMPLES / "chelsea.png")
+        images.append(str(path))
+    assert sum(len(p) + 1 for p in images) > 32_000
+    records, result = classify(node_host, small_model, images, "--scales", "64", "--no-flip")
+    assert result.returncode == 1, result.stderr  # the paths that do not exist
+    assert [r["path"] for r in records] == images
+    assert all(("top_k" in r) == (i % 40 == 0) for i, r in enumerate(records))
+
+
+def test_node_module_refuses_a_session_under_a_long_command_line(node_host, small_model):
+    script = ("require(process.argv[1]).loadModel(process.argv[2])"
+              ".then(() => console.log('created'), (e) => console.log(e.message))")
+    result = run([node_host[0], "-e", script], node_host[1], small_model, "x" * 20_000)
+    assert result.returncode == 0, result.stderr
+    assert "command line is" in result.stdout and "crashes above about 16000" in result.stdout
 
 
 def docs_block(language: str) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -37,15 +36,11 @@ class Case:
 
 # --- images ---------------------------------------------------------------------------------
 
-def png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-
 def png_with_header(width: int, height: int) -> bytes:
-    """A well-formed PNG whose header declares width x height (8-bit gray) over one tiny IDAT."""
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-            + png_chunk(b"IEND", b""))
+    """A well-formed PNG whose header declares width x height over one tiny IDAT."""
+    from test_preprocessing import png_header_only
+
+    return png_header_only(width, height)
 
 
 def tiff_with_duplicated_size(first: int, second: int) -> bytes:
@@ -74,53 +69,43 @@ def bmp_with_size(width: int, height: int) -> bytes:
     return b"BM" + struct.pack("<IHHI", 14 + len(info), 0, 0, 14 + len(info)) + info
 
 
-def write(data: bytes, name: str) -> Callable[[Path, Path], Path]:
+def entry(name: str, create: Callable[[Path], object]) -> Callable[[Path, Path], Path]:
+    """A case maker: create(folder / name) makes the entry."""
     def make(folder: Path, _model: Path) -> Path:
         path = folder / name
-        path.write_bytes(data)
+        create(path)
         return path
     return make
+
+
+def write(data: bytes, name: str) -> Callable[[Path, Path], Path]:
+    return entry(name, lambda path: path.write_bytes(data))
 
 
 def truncated(sample: str, name: str) -> Callable[[Path, Path], Path]:
-    def make(folder: Path, _model: Path) -> Path:
+    """The first 60% of a sample: its header intact, its end missing."""
+    def cut(path: Path) -> None:
         data = (SAMPLES / sample).read_bytes()
-        path = folder / name
         path.write_bytes(data[:len(data) * 3 // 5])
-        return path
-    return make
+    return entry(name, cut)
 
 
-def sliver(folder: Path, _model: Path) -> Path:
+def sliver(path: Path) -> None:
     import cv2
 
-    path = folder / "sliver.png"
     cv2.imwrite(str(path), np.full((8, 20000), 128, np.uint8))
-    return path
 
 
 def fifo(name: str) -> Callable[[Path, Path], Path]:
-    def make(folder: Path, _model: Path) -> Path:
-        path = folder / name
-        os.mkfifo(path)
-        return path
-    return make
+    return entry(name, os.mkfifo)
 
 
 def link(name: str, target: str) -> Callable[[Path, Path], Path]:
-    def make(folder: Path, _model: Path) -> Path:
-        path = folder / name
-        os.symlink(target, path)
-        return path
-    return make
+    return entry(name, lambda path: os.symlink(target, path))
 
 
 def folder_named(name: str) -> Callable[[Path, Path], Path]:
-    def make(folder: Path, _model: Path) -> Path:
-        path = folder / name
-        path.mkdir()
-        return path
-    return make
+    return entry(name, Path.mkdir)
 
 
 NOT_REGULAR = "not a regular file"
@@ -144,7 +129,7 @@ IMAGE_CASES = [
     Case("bmp-huge-top-down", "image", write(bmp_with_size(HUGE, -HUGE), "huge.bmp"), HUGE_IMAGE),
     Case("png-zero-size", "image", write(png_with_header(0, 0), "zero.png"), "invalid image size 0x0"),
     # 20000x8 is small, but its shorter side rescaled to 256 makes it 640000x256
-    Case("sliver", "image", sliver, "rescaled to 640000x256 it would exceed the pixel limit of 100000000",
+    Case("sliver", "image", entry("sliver.png", sliver), "rescaled to 640000x256 it would exceed the pixel limit of 100000000",
          ("--scales", "256")),
 ]
 

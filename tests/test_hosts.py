@@ -226,7 +226,7 @@ def test_bad_images_are_reported_and_the_batch_goes_on(host, small_model, tmp_pa
     assert [r["path"] for r in records] == [str(missing), str(good), str(not_image)]
     assert set(records[0]) == {"path", "error"} and "No such file" in records[0]["error"]
     assert "top_k" in records[1]
-    assert set(records[2]) == {"path", "error"} and "decode" in records[2]["error"]
+    assert set(records[2]) == {"path", "error"} and "not a supported image" in records[2]["error"]
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert len(errors) == 2 and str(missing) in errors[0] and str(not_image) in errors[1]
 

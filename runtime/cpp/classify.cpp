@@ -511,9 +511,14 @@ json top_k(const cv::Mat& probs, const ModelInfo& info) {
 int run_raw(cv::dnn::Net& net, const std::string& file, const std::vector<int>& shape) {
     if (shape.size() != 4 || shape[0] != 1) throw UsageError("--shape must be 1,C,H,W");
     cv::Mat blob(4, shape.data(), CV_32F);
-    std::ifstream in(file, std::ios::binary);
-    in.read(reinterpret_cast<char*>(blob.data), std::streamsize(blob.total() * sizeof(float)));
-    if (!in || in.peek() != EOF) throw std::runtime_error(file + ": size does not match --shape");
+    std::vector<uint8_t> bytes;
+    try {
+        bytes = read_regular_file(file, MAX_IMAGE_BYTES);
+    } catch (const std::runtime_error& e) {
+        throw std::runtime_error(file + ": " + e.what());
+    }
+    if (bytes.size() != blob.total() * sizeof(float)) throw std::runtime_error(file + ": size does not match --shape");
+    std::memcpy(blob.data, bytes.data(), bytes.size());
     net.setInput(blob, "image");
     std::vector<cv::Mat> outputs;
     net.forward(outputs, std::vector<cv::String>{"scores", "probs"});

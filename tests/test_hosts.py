@@ -13,6 +13,8 @@ import shutil
 import subprocess
 import sys
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -121,6 +123,7 @@ def test_host_matches_python_infer(host, small_model, images, options):
     expected = python_infer(small_model, images, *options)
     records, result = classify(host, small_model, images, *options)
     assert result.returncode == 0, result.stderr
+    assert not result.stderr.strip()  # nor a decoder's own warnings (libpng prints some of these files')
     assert [r["path"] for r in records] == images
     for record in records:
         assert_same_top5(record, expected[record["path"]])
@@ -302,6 +305,31 @@ def test_node_takes_a_command_line_longer_than_onnxruntime_can(node_host, small_
     assert result.returncode == 1, result.stderr  # the paths that do not exist
     assert [r["path"] for r in records] == images
     assert all(("top_k" in r) == (i % 40 == 0) for i, r in enumerate(records))
+
+
+def test_node_with_a_long_command_line_stops_on_sigint(node_host, small_model, tmp_path):
+    """The copy that classifies ends with the process the user interrupts."""
+    import signal
+    import time
+
+    images = []
+    for i in range(300):
+        path = tmp_path / f"{'photo-' * 16}{i:03d}.png"
+        path.symlink_to(SAMPLES / "chelsea.png")
+        images.append(str(path))
+    process = subprocess.Popen([*node_host, str(small_model), *images], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not children.read_text().split():
+        time.sleep(0.1)
+    child = children.read_text().split()
+    assert child, "no classifying copy started"
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=10)
+    assert process.returncode == -signal.SIGINT
+    time.sleep(0.5)
+    assert not Path(f"/proc/{child[0]}").exists() or "Z" in Path(f"/proc/{child[0]}/stat").read_text().split()[2]
 
 
 def test_node_module_refuses_a_session_under_a_long_command_line(node_host, small_model):

@@ -10,6 +10,7 @@
 // load. Images are decoded by the rules of docs/decoding.md, as `vgg-onnx infer` does.
 #include <algorithm>
 #include <cctype>
+#include <cstdio>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -441,6 +442,35 @@ cv::Mat rescale(const cv::Mat& image, int q) {
     return out;
 }
 
+// libpng and libtiff print their own warnings to stderr ("libpng warning: iCCP: ..."), past
+// OpenCV's log level: a decoder runs with stderr on /dev/null; a failure is reported by us.
+class QuietStderr {
+    int saved_ = -1;
+
+public:
+    QuietStderr() {
+        std::fflush(stderr);
+        int null = ::open("/dev/null", O_WRONLY | O_CLOEXEC);
+        if (null < 0) return;
+        saved_ = ::dup(2);
+        ::dup2(null, 2);
+        ::close(null);
+    }
+    ~QuietStderr() {
+        if (saved_ < 0) return;
+        std::fflush(stderr);
+        ::dup2(saved_, 2);
+        ::close(saved_);
+    }
+    QuietStderr(const QuietStderr&) = delete;
+    QuietStderr& operator=(const QuietStderr&) = delete;
+};
+
+cv::Mat decode(std::vector<uint8_t>& data) {
+    QuietStderr quiet;
+    return cv::imdecode(cv::Mat(1, int(data.size()), CV_8U, data.data()), cv::IMREAD_ANYDEPTH | cv::IMREAD_ANYCOLOR);
+}
+
 // Decodes by docs/decoding.md: the header's size is checked against the pixel limit (for the image
 // and for each rescaled image) before decoding. 8-bit RGB: grayscale replicated, alpha dropped
 // (IMREAD_ANYCOLOR), 16-bit scaled to 8 bits, EXIF orientation applied (every imread flag but
@@ -456,7 +486,7 @@ cv::Mat load_rgb(const std::string& path, int64_t max_pixels, const std::vector<
     for (int q : scales) check_rescaled_size(width, height, q, max_pixels);
     if (HeaderBytes{data}.starts(0, "\x89PNG\r\n\x1a\n") && !HeaderBytes{data}.contains_from(0, "IEND"))
         throw ImageError("truncated PNG (no IEND chunk)");
-    cv::Mat image = cv::imdecode(cv::Mat(1, int(data.size()), CV_8U, data.data()), cv::IMREAD_ANYDEPTH | cv::IMREAD_ANYCOLOR);
+    cv::Mat image = decode(data);
     if (image.empty()) throw ImageError("cannot decode image (corrupt or unsupported)");
     if (image.depth() == CV_16U) image.convertTo(image, CV_8U, 255.0 / 65535.0);
     if (image.depth() != CV_8U) throw ImageError("unsupported sample type");

@@ -500,9 +500,14 @@ function runWithShortCommandLine(argv) {
   const { spawn } = require('child_process');
   return new Promise((resolve) => {
     const child = spawn(process.execPath, [...process.execArgv, __filename, ARGS_FROM_STDIN], { stdio: ['pipe', 'inherit', 'inherit'] });
+    // Ctrl-C or a kill of this process ends the copy too, and then this process by the same signal
+    const stops = ['SIGINT', 'SIGTERM', 'SIGHUP'], forward = (name) => child.kill(name);
+    for (const name of stops) process.on(name, forward);
     child.on('error', (e) => { console.error(`classify: error: cannot start node: ${e.message}`); resolve(1); });
     child.on('exit', (code, signal) => {
-      if (signal) console.error(`classify: error: the classifying process ended by ${signal}`);
+      for (const name of stops) process.off(name, forward);
+      if (stops.includes(signal)) process.kill(process.pid, signal);
+      else if (signal) console.error(`classify: error: the classifying process ended by ${signal}`);
       resolve(signal ? 1 : code);
     });
     child.stdin.on('error', () => {}); // a child that exits early is reported by 'exit'

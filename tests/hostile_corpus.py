@@ -185,7 +185,21 @@ def with_metadata(name: str, **changes) -> Callable[[Path, Path], Path]:
     return make
 
 
+def with_raw_metadata(name: str, key: str, raw: str) -> Callable[[Path, Path], Path]:
+    """The good model with one metadata_props value replaced by raw text."""
+    def make(folder: Path, model: Path) -> Path:
+        import onnx
+
+        proto = onnx.load(str(model))
+        next(p for p in proto.metadata_props if p.key == key).value = raw
+        path = folder / f"{name}.onnx"
+        onnx.save(proto, str(path))
+        return path
+    return make
+
+
 MALFORMED = "malformed vgg-onnx metadata"
+DEEP = 1_000_000  # JSON nested this deep overflows a recursive parser's (or copier's) stack
 
 MODEL_CASES = [
     Case("model-backwards-length", "model", write(FORGED_BACKWARDS, "backwards.onnx"), "backwards.onnx"),
@@ -202,6 +216,7 @@ MODEL_CASES = [
     Case("model-negative-crop", "model", with_metadata("negative_crop", crop_size=-64), MALFORMED),
     Case("model-crop-not-32", "model", with_metadata("crop_50", crop_size=50), MALFORMED),
     Case("model-scale-below-crop", "model", with_metadata("small_scale", test_scales=[32]), MALFORMED),
+    Case("model-deep-json", "model", with_raw_metadata("deep", "classes", "[" * DEEP + "]" * DEEP), MALFORMED),
     Case("model-negative-scale", "model", with_metadata("negative_scale", test_scales=[-96]), MALFORMED),
 ]
 

@@ -132,8 +132,7 @@ bool walk_message(std::istream& in, std::streamoff begin, std::streamoff end,
         if (field.wire_type != 0 && field.wire_type != 1 && field.wire_type != 2 && field.wire_type != 5) return false;
         field.start = in.tellg();
         if (field.start < 0 || field.length > uint64_t(end - field.start)) return false;
-        if (field.wire_type == 2) visit(field);
-        else if (field.wire_type == 0) visit(field);
+        if (field.wire_type == 0 || field.wire_type == 2) visit(field);
         pos = field.start + std::streamoff(field.length);
     }
     return true;
@@ -224,11 +223,38 @@ struct ModelInfo {
     int crop_size = 0;
 };
 
+// nlohmann::json copies values recursively: a forged value nested a million levels deep would
+// overflow the stack. The metadata nests three levels; deeper JSON is not parsed.
+const int MAX_JSON_DEPTH = 64;
+
+bool nested_deeper_than(const std::string& text, int limit) {
+    int depth = 0;
+    bool in_string = false, escaped = false;
+    for (char c : text) {
+        if (in_string) {
+            if (escaped) escaped = false;
+            else if (c == '\\') escaped = true;
+            else if (c == '"') in_string = false;
+        } else if (c == '"') {
+            in_string = true;
+        } else if (c == '[' || c == '{') {
+            if (++depth > limit) return true;
+        } else if (c == ']' || c == '}') {
+            --depth;
+        }
+    }
+    return false;
+}
+
+json parse_json(const std::string& text) {  // discarded when not JSON or nested too deep
+    return nested_deeper_than(text, MAX_JSON_DEPTH) ? json(json::value_t::discarded) : json::parse(text, nullptr, false);
+}
+
 // metadata_props values are strings, structured ones JSON: decode them into the sidecar's shape.
 json decode_props(const std::map<std::string, std::string>& props) {
     json meta = json::object();
     for (const auto& [key, value] : props) {
-        json parsed = json::parse(value, nullptr, false);
+        json parsed = parse_json(value);
         meta[key] = parsed.is_discarded() ? json(value) : parsed;
     }
     return meta;
@@ -240,10 +266,15 @@ json read_sidecar(const std::string& model_path) {  // vgg_D.onnx -> vgg_D.json,
                               : model_path + ".json";
     try {
         std::vector<uint8_t> bytes = read_regular_file(sidecar, MAX_IMAGE_BYTES);
-        return json::parse(bytes.begin(), bytes.end(), nullptr, false);
+        return parse_json(std::string(bytes.begin(), bytes.end()));
     } catch (const std::runtime_error&) {
         return json();  // no sidecar: the caller reports the missing metadata
     }
+}
+
+std::string brief(const json& value) {  // a value quoted in a message, cut to one short line
+    std::string text = value.dump(-1, ' ', false, json::error_handler_t::replace);
+    return text.size() > 60 ? text.substr(0, 57) + "..." : text;
 }
 
 bool is_int(const json& value, int64_t low) {
@@ -254,20 +285,20 @@ bool is_int(const json& value, int64_t low) {
 ModelInfo validate_metadata(const json& meta, int64_t output_classes) {
     ModelInfo info;
     const json& crop = meta.contains("crop_size") ? meta["crop_size"] : json();
-    if (!is_int(crop, 1) || crop.get<int>() % 32) throw std::runtime_error("crop_size " + crop.dump() + " is not a positive multiple of 32");
+    if (!is_int(crop, 1) || crop.get<int>() % 32) throw std::runtime_error("crop_size " + brief(crop) + " is not a positive multiple of 32");
     info.crop_size = crop.get<int>();
     const json& scales = meta.contains("test_scales") ? meta["test_scales"] : json();
-    if (!scales.is_array() || scales.empty()) throw std::runtime_error("test_scales " + scales.dump() + " is not a non-empty list");
+    if (!scales.is_array() || scales.empty()) throw std::runtime_error("test_scales " + brief(scales) + " is not a non-empty list");
     for (const json& q : scales) {
         if (!is_int(q, info.crop_size))
-            throw std::runtime_error("test scale " + q.dump() + " is not an integer of at least the crop size " + std::to_string(info.crop_size));
+            throw std::runtime_error("test scale " + brief(q) + " is not an integer of at least the crop size " + std::to_string(info.crop_size));
         info.test_scales.push_back(q.get<int>());
     }
     const json& classes = meta.contains("classes") ? meta["classes"] : json();
     if (!classes.is_array() || classes.empty()) throw std::runtime_error("classes is not a non-empty list");
     for (const json& c : classes) {
         if (!c.is_object() || !is_int(c.value("index", json()), 0) || !c.value("name", json()).is_string())
-            throw std::runtime_error("class entry " + c.dump() + " lacks an integer index or a name");
+            throw std::runtime_error("class entry " + brief(c) + " lacks an integer index or a name");
         const json synset = c.value("synset", json(""));
         info.classes.push_back({c["index"].get<int>(), synset.is_string() ? synset.get<std::string>() : "", c["name"].get<std::string>()});
     }

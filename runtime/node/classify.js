@@ -106,19 +106,29 @@ function readSidecar(modelPath) { // vgg_D.onnx -> vgg_D.json, written by export
   }
 }
 
+function brief(value) { // a value quoted in a message, cut to one short line
+  let text;
+  try {
+    text = JSON.stringify(value);
+  } catch { // nested too deep to print
+    text = Array.isArray(value) ? '[...]' : '{...}';
+  }
+  return String(text).length > 60 ? `${String(text).slice(0, 57)}...` : String(text);
+}
+
 const isInt = (value, low) => Number.isInteger(value) && value >= low && value <= 2 ** 31 - 1;
 
 // docs/decoding.md, "The model": crop a positive multiple of 32, test scales a non-empty list of
 // integers of at least the crop, classes a non-empty list of { index, name }.
 function validateMetadata(meta) {
   const { classes, test_scales: testScales, crop_size: cropSize } = meta;
-  if (!isInt(cropSize, 1) || cropSize % 32) throw new Error(`crop_size ${JSON.stringify(cropSize)} is not a positive multiple of 32`);
-  if (!Array.isArray(testScales) || !testScales.length) throw new Error(`test_scales ${JSON.stringify(testScales)} is not a non-empty list`);
+  if (!isInt(cropSize, 1) || cropSize % 32) throw new Error(`crop_size ${brief(cropSize)} is not a positive multiple of 32`);
+  if (!Array.isArray(testScales) || !testScales.length) throw new Error(`test_scales ${brief(testScales)} is not a non-empty list`);
   const bad = testScales.find((q) => !isInt(q, cropSize));
-  if (bad !== undefined) throw new Error(`test scale ${JSON.stringify(bad)} is not an integer of at least the crop size ${cropSize}`);
+  if (bad !== undefined) throw new Error(`test scale ${brief(bad)} is not an integer of at least the crop size ${cropSize}`);
   if (!Array.isArray(classes) || !classes.length) throw new Error('classes is not a non-empty list');
   const badClass = classes.find((c) => !c || !isInt(c.index, 0) || typeof c.name !== 'string');
-  if (badClass !== undefined) throw new Error(`class entry ${JSON.stringify(badClass)} lacks an integer index or a name`);
+  if (badClass !== undefined) throw new Error(`class entry ${brief(badClass)} lacks an integer index or a name`);
   return { classes, testScales, cropSize };
 }
 

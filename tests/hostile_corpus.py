@@ -198,6 +198,17 @@ def with_raw_metadata(name: str, key: str, raw: str) -> Callable[[Path, Path], P
     return make
 
 
+def with_forged_initializer(folder: Path, model: Path) -> Path:
+    """The good model whose first initializer claims 100000 times the elements its data holds."""
+    import onnx
+
+    proto = onnx.load(str(model))
+    proto.graph.initializer[0].dims[0] *= 100000
+    path = folder / "forged_initializer.onnx"
+    onnx.save(proto, str(path))
+    return path
+
+
 MALFORMED = "malformed vgg-onnx metadata"
 DEEP = 1_000_000  # JSON nested this deep overflows a recursive parser's (or copier's) stack
 
@@ -208,6 +219,7 @@ MODEL_CASES = [
     Case("model-endless-varint", "model", write(FORGED_ENDLESS_VARINT, "endless.onnx"), "endless.onnx"),
     Case("model-truncated", "model", truncated_model, "truncated.onnx"),
     Case("model-empty", "model", write(b"", "empty.onnx"), "empty.onnx"),
+    Case("model-forged-initializer", "model", with_forged_initializer, "forged_initializer.onnx"),
     Case("model-fifo", "model", fifo("fifo.onnx"), NOT_REGULAR),
     Case("model-dev-zero", "model", link("zero.onnx", "/dev/zero"), NOT_REGULAR),
     Case("model-folder", "model", folder_named("folder.onnx"), NOT_REGULAR),

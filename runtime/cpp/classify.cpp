@@ -132,7 +132,7 @@ bool walk_message(std::istream& in, std::streamoff begin, std::streamoff end,
         if (field.wire_type != 0 && field.wire_type != 1 && field.wire_type != 2 && field.wire_type != 5) return false;
         field.start = in.tellg();
         if (field.start < 0 || field.length > uint64_t(end - field.start)) return false;
-        if (field.wire_type == 0 || field.wire_type == 2) visit(field);
+        visit(field);
         pos = field.start + std::streamoff(field.length);
     }
     return true;
@@ -162,6 +162,7 @@ struct OnnxFacts {
     std::map<std::string, std::string> props;
     int64_t output_classes = 0;  // 0: not stated in the graph
     bool well_formed = true;
+    bool tensors_match_dims = true;
 };
 
 int64_t second_dimension(const std::string& type_proto) {
@@ -183,8 +184,80 @@ int64_t second_dimension(const std::string& type_proto) {
     return dims.size() == 2 ? dims[1] : 0;
 }
 
-void read_graph_outputs(std::istream& in, const ProtoField& graph, OnnxFacts& facts) {
+// OpenCV's importer trusts a tensor's dims and reads past its data when they claim more (a
+// segmentation fault): each tensor must hold exactly the elements its dims declare.
+int element_size(uint64_t data_type) {  // TensorProto.DataType; 0: not checked (strings)
+    switch (data_type) {
+        case 2: case 3: case 9: return 1;    // uint8, int8, bool
+        case 4: case 5: case 10: case 16: return 2;  // uint16, int16, float16, bfloat16
+        case 1: case 6: case 12: return 4;   // float, int32, uint32
+        case 7: case 11: case 13: return 8;  // int64, double, uint64
+        default: return 0;
+    }
+}
+
+struct TensorFacts {
+    std::vector<uint64_t> dims;
+    uint64_t data_type = 0, raw_bytes = 0, values = 0;
+    bool has_raw = false, external = false;
+};
+
+uint64_t count_varints(const std::string& packed) {  // a varint ends at each byte below 0x80
+    return uint64_t(std::count_if(packed.begin(), packed.end(), [](char c) { return uint8_t(c) < 0x80; }));
+}
+
+void add_tensor_field(std::istream& in, const ProtoField& f, TensorFacts& t) {
+    bool packed = f.wire_type == 2;
+    if (f.number == 1 && !packed) t.dims.push_back(f.value);
+    if (f.number == 1 && packed) {
+        std::string payload = read_payload(in, f);
+        std::istringstream dims_in(payload);
+        const std::streamoff end = std::streamoff(payload.size());
+        uint64_t dim = 0;
+        while (dims_in.tellg() >= 0 && dims_in.tellg() < end && read_varint(dims_in, dim, end - dims_in.tellg())) t.dims.push_back(dim);
+    }
+    if (f.number == 2 && f.wire_type == 0) t.data_type = f.value;
+    if (f.number == 9 && packed) {
+        t.has_raw = true;
+        t.raw_bytes = f.length;
+    }
+    if (f.number == 14 && f.wire_type == 0) t.external = f.value == 1;
+    if (f.number == 4 || f.number == 10) t.values += packed ? f.length / (f.number == 4 ? 4 : 8) : 1;  // float, double
+    if (f.number == 5 || f.number == 7 || f.number == 11) t.values += packed ? count_varints(read_payload(in, f)) : 1;
+}
+
+bool tensor_matches_dims(std::istream& in, const ProtoField& tensor) {
+    TensorFacts t;
+    if (!walk_message(in, tensor.start, tensor.start + std::streamoff(tensor.length),
+                      [&](const ProtoField& f) { add_tensor_field(in, f, t); }))
+        return false;
+    int size = element_size(t.data_type);
+    if (t.external || !size) return true;  // external data is the file beside it; strings vary
+    uint64_t count = 1;
+    for (uint64_t dim : t.dims) {
+        if (dim > (uint64_t(1) << 40) || (dim && count > (uint64_t(1) << 40) / dim)) return false;
+        count *= dim;
+    }
+    return t.has_raw ? t.raw_bytes == count * uint64_t(size) : t.values == count;
+}
+
+// Initializers (GraphProto 5) and the tensors in node attributes (NodeProto 5: AttributeProto
+// {5 t, 10 tensors}), the ones OpenCV copies.
+void check_graph_tensors(std::istream& in, const ProtoField& f, OnnxFacts& facts) {
+    if (f.wire_type != 2) return;
+    if (f.number == 5) facts.tensors_match_dims &= tensor_matches_dims(in, f);
+    if (f.number != 1) return;
+    walk_message(in, f.start, f.start + std::streamoff(f.length), [&](const ProtoField& attribute) {
+        if (attribute.number != 5 || attribute.wire_type != 2) return;
+        walk_message(in, attribute.start, attribute.start + std::streamoff(attribute.length), [&](const ProtoField& t) {
+            if ((t.number == 5 || t.number == 10) && t.wire_type == 2) facts.tensors_match_dims &= tensor_matches_dims(in, t);
+        });
+    });
+}
+
+void read_graph(std::istream& in, const ProtoField& graph, OnnxFacts& facts) {
     facts.well_formed &= walk_message(in, graph.start, graph.start + std::streamoff(graph.length), [&](const ProtoField& f) {
+        check_graph_tensors(in, f, facts);
         if (f.number != 12 || f.wire_type != 2) return;
         std::string name, type;
         walk_payload(read_payload(in, f), [&](std::istream& value_in, const ProtoField& part) {
@@ -199,7 +272,7 @@ OnnxFacts read_onnx_facts(std::istream& in, std::streamoff size) {
     OnnxFacts facts;
     facts.well_formed = walk_message(in, 0, size, [&](const ProtoField& f) {
         if (f.wire_type != 2) return;
-        if (f.number == 7) read_graph_outputs(in, f, facts);
+        if (f.number == 7) read_graph(in, f, facts);
         if (f.number != 14) return;
         std::string kv[2];
         walk_payload(read_payload(in, f), [&](std::istream& entry_in, const ProtoField& part) {
@@ -324,6 +397,7 @@ ModelInfo read_model_info(const std::string& model_path) {
     if (format != json("1") && format != json(1))
         throw std::runtime_error(model_path + ": no vgg-onnx metadata (not exported by vgg-onnx export)");
     if (!facts.well_formed) throw std::runtime_error(model_path + ": not a well-formed ONNX file (truncated or corrupt)");
+    if (!facts.tensors_match_dims) throw std::runtime_error(model_path + ": not a well-formed ONNX file (a tensor's data does not match its dims)");
     try {
         return validate_metadata(meta, facts.output_classes);
     } catch (const std::exception& e) {

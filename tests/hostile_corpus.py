@@ -19,8 +19,9 @@ import numpy as np
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 HUGE = 30000  # 30000 x 30000 = 9e8 pixels, nine times the default limit of 1e8
+MAX_IMAGE_BYTES = 1 << 30  # docs/decoding.md: the size bound on an image file
 
-__all__ = ["Case", "IMAGE_CASES", "MODEL_CASES", "CASES", "HUGE"]
+__all__ = ["Case", "IMAGE_CASES", "MODEL_CASES", "CASES", "HUGE", "MAX_IMAGE_BYTES"]
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,13 @@ def truncated(sample: str, name: str) -> Callable[[Path, Path], Path]:
     return entry(name, cut)
 
 
+def oversized(path: Path) -> None:
+    """A JPEG signature, then a hole: one byte over the size bound, and no disk space used."""
+    with open(path, "wb") as f:
+        f.write(b"\xff\xd8\xff")
+        f.truncate(MAX_IMAGE_BYTES + 1)
+
+
 def sliver(path: Path) -> None:
     import cv2
 
@@ -117,6 +125,8 @@ IMAGE_CASES = [
     Case("dev-zero", "image", link("z.jpg", "/dev/zero"), NOT_REGULAR),
     Case("folder", "image", folder_named("x.jpg"), NOT_REGULAR),
     Case("dangling-link", "image", link("gone.jpg", "nowhere/missing.jpg"), "no such file"),
+    Case("oversized-file", "image", entry("big.jpg", oversized),
+         f"file of {MAX_IMAGE_BYTES + 1} bytes exceeds the size limit of {MAX_IMAGE_BYTES} bytes"),
     Case("empty", "image", write(b"", "empty.jpg"), "empty file"),
     Case("random-bytes", "image", write(np.random.default_rng(7).bytes(4096), "noise.jpg"), UNSUPPORTED),
     Case("svg-as-jpg", "image", write(b'<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64">'

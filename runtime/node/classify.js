@@ -10,7 +10,8 @@
 // JSON file export writes beside it, and validated once at load. Images are decoded by the rules
 // of docs/decoding.md, as `vgg-onnx infer` does; any number of image paths works (a long command
 // line is passed on to a copy of this script over a pipe: onnxruntime-node crashes on one).
-// As a module it gives the steps: loadModel, loadRgb, rescale, toTensor, classify, topK.
+// As a module it gives the steps: loadModel, loadRgb, rescale, toTensor, classify, topK (and
+// imageSizeFromHeader, the header check of docs/decoding.md).
 'use strict';
 
 const fs = require('fs');
@@ -56,7 +57,7 @@ function* fields(bytes) { // [field number, wire type, payload bytes or null]
 }
 
 function readMetadataProps(onnxBytes) {
-  const props = {};
+  const props = Object.create(null); // a key named __proto__ is a key like any other
   for (const [field, , entry] of fields(onnxBytes)) {
     if (field !== 14 || !entry) continue;
     const kv = ['', ''];

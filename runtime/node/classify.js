@@ -1,21 +1,24 @@
 #!/usr/bin/env node
-// classify: multi-scale dense evaluation of a vgg-onnx model from Node.js (PAPER.md §3, §5).
+// classify: multi-scale dense evaluation of a vgg-onnx model from Node.js (docs/protocol.md §3, §5).
 //
-//   node classify.js MODEL.onnx IMAGE... [--scales 256,384,512] [--no-flip]
+//   node classify.js MODEL.onnx IMAGE... [--scales 256,384,512] [--no-flip] [--max-pixels 100000000]
 //
 // Prints a JSON array in the schema of `vgg-onnx infer --format json`. sharp decodes the image,
 // the rescale is OpenCV's (INTER_AREA shrinking, INTER_LINEAR enlarging) written out below so
 // that every host computes the same pixels, and onnxruntime-node runs the .onnx file. The
 // model's metadata (classes, test scales) is read from the file's metadata_props, or from the
-// JSON file export writes beside it.
-// As a module it gives the steps: loadModel, loadRgb, rescale, toTensor, classify, topK.
+// JSON file export writes beside it, and validated once at load. Images are decoded by the rules
+// of docs/decoding.md, as `vgg-onnx infer` does; any number of image paths works (a long command
+// line is passed on to a copy of this script over a pipe: onnxruntime-node crashes on one).
+// As a module it gives the steps: loadModel, loadRgb, rescale, toTensor, classify, topK (and
+// imageSizeFromHeader, the header check of docs/decoding.md).
 'use strict';
 
 const fs = require('fs');
 const ort = require('onnxruntime-node');
 const sharp = require('sharp');
 
-const USAGE = 'usage: classify.js MODEL.onnx IMAGE... [--scales 256,384,512] [--no-flip]';
+const USAGE = 'usage: classify.js MODEL.onnx IMAGE... [--scales 256,384,512] [--no-flip] [--max-pixels 100000000]';
 const TOP_K = 5;
 
 class UsageError extends Error {}
@@ -54,7 +57,7 @@ function* fields(bytes) { // [field number, wire type, payload bytes or null]
 }
 
 function readMetadataProps(onnxBytes) {
-  const props = {};
+  const props = Object.create(null); // a key named __proto__ is a key like any other
   for (const [field, , entry] of fields(onnxBytes)) {
     if (field !== 14 || !entry) continue;
     const kv = ['', ''];
@@ -65,53 +68,246 @@ function readMetadataProps(onnxBytes) {
   return props;
 }
 
+// ---- files ----------------------------------------------------------------------------------
+
+const MAX_IMAGE_BYTES = 2 ** 30; // docs/decoding.md: no image file is larger
+const MAX_MODEL_BYTES = 2 ** 31; // protobuf's own limit for one .onnx file
+
+// Regular files only, opened without blocking (a FIFO would wait for a writer forever), read
+// up to the size they had when opened and at most maxBytes.
+function readRegularFile(path, maxBytes) {
+  let fd;
+  try {
+    fd = fs.openSync(path, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
+  } catch (e) {
+    // 'ENOENT: no such file or directory, open <path>': the caller names the path once
+    throw new Error(`cannot read: ${e.code === 'ENOENT' ? 'No such file or directory' : e.message.replace(/, \w+ '.*'$/s, '')}`);
+  }
+  try {
+    const stat = fs.fstatSync(fd);
+    if (!stat.isFile()) throw new Error('cannot read: not a regular file');
+    if (stat.size > maxBytes) throw new Error(`file of ${stat.size} bytes exceeds the size limit of ${maxBytes} bytes`);
+    const bytes = Buffer.allocUnsafe(stat.size);
+    let done = 0;
+    for (let got = 1; done < bytes.length && got > 0; done += got) got = fs.readSync(fd, bytes, done, bytes.length - done, done);
+    return bytes.subarray(0, done);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+// ---- the model's metadata, validated once at load -------------------------------------------
+
+function readSidecar(modelPath) { // vgg_D.onnx -> vgg_D.json, written by export
+  const sidecar = modelPath.endsWith('.onnx') ? modelPath.slice(0, -5) + '.json' : modelPath + '.json';
+  try {
+    return JSON.parse(readRegularFile(sidecar, MAX_IMAGE_BYTES).toString('utf8'));
+  } catch {
+    return {}; // no sidecar: the caller reports the missing metadata
+  }
+}
+
+function brief(value) { // a value quoted in a message, cut to one short line
+  let text;
+  try {
+    text = JSON.stringify(value);
+  } catch { // nested too deep to print
+    text = Array.isArray(value) ? '[...]' : '{...}';
+  }
+  return String(text).length > 60 ? `${String(text).slice(0, 57)}...` : String(text);
+}
+
+const isInt = (value, low) => Number.isInteger(value) && value >= low && value <= 2 ** 31 - 1;
+
+// docs/decoding.md, "The model": crop a positive multiple of 32, test scales a non-empty list of
+// integers of at least the crop, classes a non-empty list of { index, name }.
+function validateMetadata(meta) {
+  const { classes, test_scales: testScales, crop_size: cropSize } = meta;
+  if (!isInt(cropSize, 1) || cropSize % 32) throw new Error(`crop_size ${brief(cropSize)} is not a positive multiple of 32`);
+  if (!Array.isArray(testScales) || !testScales.length) throw new Error(`test_scales ${brief(testScales)} is not a non-empty list`);
+  const bad = testScales.find((q) => !isInt(q, cropSize));
+  if (bad !== undefined) throw new Error(`test scale ${brief(bad)} is not an integer of at least the crop size ${cropSize}`);
+  if (!Array.isArray(classes) || !classes.length) throw new Error('classes is not a non-empty list');
+  const badClass = classes.find((c) => !c || !isInt(c.index, 0) || typeof c.name !== 'string');
+  if (badClass !== undefined) throw new Error(`class entry ${brief(badClass)} lacks an integer index or a name`);
+  return { classes, testScales, cropSize };
+}
+
 function readModelInfo(modelPath, onnxBytes) {
   let meta = readMetadataProps(onnxBytes);
-  const sidecar = modelPath.endsWith('.onnx') ? modelPath.slice(0, -5) + '.json' : modelPath + '.json';
-  if (!Object.keys(meta).length && fs.existsSync(sidecar)) { // export also writes the metadata there
-    try { meta = JSON.parse(fs.readFileSync(sidecar, 'utf8')); } catch { meta = {}; }
-  }
-  if (String(meta.vgg_onnx_format) !== '1') {
+  if (!Object.keys(meta).length) meta = readSidecar(modelPath);
+  if (!meta || String(meta.vgg_onnx_format) !== '1') {
     throw new Error(`${modelPath}: no vgg-onnx metadata (not exported by vgg-onnx export)`);
   }
-  const { classes, test_scales: testScales, crop_size: cropSize } = meta;
-  if (!Array.isArray(classes) || !Array.isArray(testScales) || !Number.isInteger(cropSize)) {
-    throw new Error(`${modelPath}: malformed vgg-onnx metadata (classes, test_scales or crop_size)`);
+  try {
+    return validateMetadata(meta);
+  } catch (e) {
+    throw new Error(`${modelPath}: malformed vgg-onnx metadata (${e.message})`);
   }
-  return { classes, testScales, cropSize };
+}
+
+// onnxruntime-node 1.30 segfaults in InferenceSession.create when the process's command line
+// is longer than about 16,000 bytes (it reads /proc/self/cmdline): refuse instead of crashing.
+const MAX_COMMAND_LINE = 16000;
+
+function commandLineBytes() {
+  try {
+    return fs.readFileSync('/proc/self/cmdline').length;
+  } catch { // not Linux: what Node knows of it
+    return [process.execPath, ...process.execArgv, ...process.argv.slice(1)].reduce((n, a) => n + Buffer.byteLength(a) + 1, 0);
+  }
 }
 
 // The graph and its metadata: { session, info: { classes, testScales, cropSize } }.
 async function loadModel(modelPath) {
   let onnxBytes;
   try {
-    onnxBytes = fs.readFileSync(modelPath);
+    onnxBytes = readRegularFile(modelPath, MAX_MODEL_BYTES);
   } catch (e) {
-    throw new Error(`${modelPath}: cannot read: ${e.code === 'ENOENT' ? 'No such file or directory' : e.message}`);
+    throw new Error(`${modelPath}: ${e.message}`);
   }
   const info = readModelInfo(modelPath, onnxBytes);
+  const length = commandLineBytes();
+  if (length > MAX_COMMAND_LINE) {
+    throw new Error(`this process's command line is ${length} bytes; onnxruntime-node crashes above about ${MAX_COMMAND_LINE}`);
+  }
+  let session;
   try {
-    return { session: await ort.InferenceSession.create(onnxBytes), info };
+    session = await ort.InferenceSession.create(onnxBytes);
   } catch (e) {
     throw new Error(`${modelPath}: ONNX Runtime cannot load the graph: ${e.message.split('\n')[0]}`);
   }
+  const probs = session.outputMetadata.find((o) => o.name === 'probs');
+  const width = probs && Array.isArray(probs.shape) ? probs.shape[1] : undefined;
+  if (Number.isInteger(width) && width !== info.classes.length) {
+    throw new Error(`${modelPath}: malformed vgg-onnx metadata (the graph gives ${width} classes, its metadata lists ${info.classes.length})`);
+  }
+  return { session, info };
 }
 
-// ---- preprocessing (PAPER.md §5) -----------------------------------------------------------
+// ---- the image header (docs/decoding.md) -----------------------------------------------------
+
+class ImageError extends Error {}
+
+const DEFAULT_MAX_PIXELS = 100000000; // as vgg-onnx infer --max-pixels
+
+// Bounds-checked reads: a header shorter than its format's is corrupt.
+function headerReader(bytes) {
+  const need = (pos, size) => {
+    if (!(pos + size <= bytes.length)) throw new ImageError('truncated or corrupt image header');
+  };
+  return {
+    u: (pos, size, bigEndian) => {
+      need(pos, size);
+      return bigEndian ? bytes.readUIntBE(pos, size) : bytes.readUIntLE(pos, size);
+    },
+    i32le: (pos) => { need(pos, 4); return bytes.readInt32LE(pos); },
+    starts: (pos, text) => bytes.subarray(pos, pos + text.length).equals(Buffer.from(text, 'latin1')),
+  };
+}
+
+const FRAME_MARKERS = new Set([0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF]);
+
+function jpegSize(bytes, r) {
+  let pos = 2;
+  while (pos + 4 <= bytes.length) {
+    if (bytes[pos] !== 0xFF) throw new ImageError('corrupt JPEG (bad marker)');
+    const marker = bytes[pos + 1];
+    if (marker === 0xFF) { pos += 1; continue; } // fill byte
+    if (marker === 0x01 || marker === 0xD8 || (marker >= 0xD0 && marker <= 0xD7)) { pos += 2; continue; }
+    const length = r.u(pos + 2, 2, true);
+    if (FRAME_MARKERS.has(marker)) {
+      if (pos + 9 > bytes.length) break;
+      const [height, width] = [r.u(pos + 5, 2, true), r.u(pos + 7, 2, true)];
+      // a truncated file has no end-of-image marker after its scans
+      if (bytes.indexOf(Buffer.from([0xFF, 0xD9]), pos) < 0) throw new ImageError('truncated JPEG (no end-of-image marker)');
+      return [width, height];
+    }
+    if (marker === 0xDA || marker === 0xD9) break;
+    pos += 2 + length;
+  }
+  throw new ImageError('truncated or corrupt JPEG (no frame header)');
+}
+
+// The first ImageWidth/ImageLength entry counts, as in libtiff (a duplicated tag is ignored).
+function tiffSize(bytes, r) {
+  const big = bytes[0] === 0x4D;
+  try {
+    const ifd = r.u(4, 4, big), count = r.u(ifd, 2, big), found = {};
+    for (let i = 0; i < count; i++) {
+      const entry = ifd + 2 + 12 * i, tag = r.u(entry, 2, big), type = r.u(entry + 2, 2, big);
+      if ((tag === 256 || tag === 257) && !(tag in found)) found[tag] = r.u(entry + 8, type === 3 ? 2 : 4, big);
+    }
+    if (256 in found && 257 in found) return [found[256], found[257]];
+  } catch (e) {
+    if (!(e instanceof ImageError)) throw e;
+  }
+  throw new ImageError('truncated or corrupt TIFF header');
+}
+
+function pnmSize(bytes) {
+  const text = bytes.subarray(2, 4096).toString('latin1').replace(/#[^\n]*(\n|$)/g, ' ');
+  const tokens = text.trim().split(/\s+/).slice(0, 2);
+  if (tokens.length < 2 || !tokens.every((t) => /^\d{1,12}$/.test(t))) throw new ImageError('corrupt PNM header');
+  return tokens.map(Number);
+}
+
+function webpSize(bytes, r) {
+  if (r.starts(12, 'VP8 ')) return [r.u(26, 2, false) & 0x3FFF, r.u(28, 2, false) & 0x3FFF];
+  if (r.starts(12, 'VP8L')) {
+    const [b0, b1, b2, b3] = [21, 22, 23, 24].map((i) => r.u(i, 1, false));
+    return [1 + (((b1 & 0x3F) << 8) | b0), 1 + (((b3 & 0xF) << 10) | (b2 << 2) | (b1 >> 6))];
+  }
+  if (r.starts(12, 'VP8X')) return [1 + r.u(24, 3, false), 1 + r.u(27, 3, false)];
+  throw new ImageError('corrupt WebP header');
+}
+
+// [width, height] from the header alone, so that huge images are refused undecoded.
+function imageSizeFromHeader(bytes) {
+  const r = headerReader(bytes);
+  if (r.starts(0, '\xff\xd8')) return jpegSize(bytes, r);
+  if (r.starts(0, '\x89PNG\r\n\x1a\n')) {
+    if (!r.starts(12, 'IHDR')) throw new ImageError('corrupt PNG header');
+    return [r.u(16, 4, true), r.u(20, 4, true)];
+  }
+  if (r.starts(0, 'GIF87a') || r.starts(0, 'GIF89a')) return [r.u(6, 2, false), r.u(8, 2, false)];
+  if (r.starts(0, 'BM')) {
+    if (r.u(14, 4, false) === 12) return [r.u(18, 2, false), r.u(20, 2, false)];
+    return [Math.abs(r.i32le(18)), Math.abs(r.i32le(22))];
+  }
+  if (r.starts(0, 'RIFF') && r.starts(8, 'WEBP')) return webpSize(bytes, r);
+  if (r.starts(0, 'II*\x00') || r.starts(0, 'MM\x00*')) return tiffSize(bytes, r);
+  if (bytes[0] === 0x50 && bytes[1] >= 0x31 && bytes[1] <= 0x36) return pnmSize(bytes);
+  throw new ImageError('not a supported image (JPEG, PNG, BMP, GIF, WebP, TIFF or PNM)');
+}
+
+// The limits of docs/decoding.md, checked before decoding, with vgg-onnx infer's messages.
+function checkImageSize(bytes, maxPixels, scales) {
+  const [width, height] = imageSizeFromHeader(bytes);
+  if (width <= 0 || height <= 0) throw new ImageError(`invalid image size ${width}x${height}`);
+  if (width * height > maxPixels) throw new ImageError(`${width}x${height} image exceeds the pixel limit of ${maxPixels} (--max-pixels)`);
+  for (const q of scales) { // rotation by EXIF swaps width and height: the rescaled area stays
+    const [w, h] = rescaledSize(width, height, q);
+    if (w * h > maxPixels) throw new ImageError(`rescaled to ${w}x${h} it would exceed the pixel limit of ${maxPixels}`);
+  }
+  const png = headerReader(bytes).starts(0, '\x89PNG\r\n\x1a\n');
+  if (png && bytes.indexOf('IEND', 0, 'latin1') < 0) throw new ImageError('truncated PNG (no IEND chunk)');
+}
+
+// ---- preprocessing (docs/protocol.md §5, docs/decoding.md) -----------------------------------
 
 // 8-bit RGB: EXIF orientation applied, alpha dropped, grayscale (and CMYK) to three channels,
 // 16-bit samples scaled to 8 bits as round(v*255/65535); an embedded ICC profile is kept, not
-// applied, as OpenCV does.
-async function loadRgb(path) {
-  let bytes;
+// applied, as OpenCV does. Sizes are checked against maxPixels from the header (for the image
+// and each of the scales it will be rescaled to) before decoding.
+async function loadRgb(path, { maxPixels = DEFAULT_MAX_PIXELS, scales = [] } = {}) {
+  const bytes = readRegularFile(path, MAX_IMAGE_BYTES);
+  if (!bytes.length) throw new ImageError('empty file');
+  checkImageSize(bytes, maxPixels, scales);
   try {
-    bytes = fs.readFileSync(path);
-  } catch (e) {
-    throw new Error(`cannot read: ${e.code === 'ENOENT' ? 'No such file or directory' : e.message}`);
-  }
-  try {
-    const sixteenBit = (await sharp(bytes).metadata()).depth === 'ushort';
-    let { data, info } = await sharp(bytes).rotate().keepIccProfile().removeAlpha()
+    const options = { limitInputPixels: maxPixels }; // sharp's own check, a second line of defence
+    const sixteenBit = (await sharp(bytes, options).metadata()).depth === 'ushort';
+    let { data, info } = await sharp(bytes, options).rotate().keepIccProfile().removeAlpha()
       .toColourspace(sixteenBit ? 'rgb16' : 'srgb').raw({ depth: sixteenBit ? 'ushort' : 'uchar' })
       .toBuffer({ resolveWithObject: true });
     if (sixteenBit) {
@@ -222,7 +418,12 @@ function topK(probs, classes) {
 // Hidden test hook: run the graph on a raw float32 tensor and print both outputs.
 async function runRaw(session, file, shape) {
   if (shape.length !== 4) throw new UsageError('--shape must be N,C,H,W');
-  const bytes = fs.readFileSync(file);
+  let bytes;
+  try {
+    bytes = readRegularFile(file, MAX_IMAGE_BYTES);
+  } catch (e) {
+    throw new Error(`${file}: ${e.message}`);
+  }
   const count = shape.reduce((a, b) => a * b, 1);
   if (bytes.length !== count * 4) throw new Error(`${file}: size does not match --shape`);
   const data = new Float32Array(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.length));
@@ -241,38 +442,38 @@ function parseInts(text, option) {
   return values;
 }
 
-async function main(argv) {
-  const positional = [];
-  let scales = null, shape = null, rawInput = null, flip = true;
+function parseOptions(argv) {
+  const options = { positional: [], scales: null, shape: null, rawInput: null, flip: true, maxPixels: DEFAULT_MAX_PIXELS, help: false };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
     const value = () => {
       if (i + 1 >= argv.length) throw new UsageError(`${arg} needs a value`);
       return argv[++i];
     };
-    if (arg === '--scales') scales = parseInts(value(), arg);
-    else if (arg === '--no-flip') flip = false;
-    else if (arg === '--raw-input') rawInput = value();
-    else if (arg === '--shape') shape = parseInts(value(), arg);
-    else if (arg === '-h' || arg === '--help') { console.log(USAGE); return 0; }
+    if (arg === '--scales') options.scales = parseInts(value(), arg);
+    else if (arg === '--no-flip') options.flip = false;
+    else if (arg === '--max-pixels') {
+      const text = value();
+      options.maxPixels = Number(text);
+      if (!/^\d+$/.test(text) || !(options.maxPixels > 0)) throw new UsageError(`--max-pixels ${text} must be positive`);
+    } else if (arg === '--raw-input') options.rawInput = value();
+    else if (arg === '--shape') options.shape = parseInts(value(), arg);
+    else if (arg === '-h' || arg === '--help') options.help = true;
     else if (arg.startsWith('--')) throw new UsageError(`unknown option ${arg}`);
-    else positional.push(arg);
+    else options.positional.push(arg);
   }
-  if (!positional.length || (!rawInput && positional.length < 2)) throw new UsageError('a model and at least one image are required');
+  return options;
+}
 
-  const [modelPath, ...imagePaths] = positional;
-  const { session, info } = await loadModel(modelPath);
-  scales = scales || info.testScales;
-  const small = scales.find((q) => q < info.cropSize);
-  if (small !== undefined) throw new UsageError(`scale ${small} is smaller than the model's crop size ${info.cropSize}`);
-  if (rawInput) return runRaw(session, rawInput, shape || []);
-
+// One record per image, in order; a bad image is an error record and the batch goes on.
+async function classifyImages(session, info, modelPath, imagePaths, { scales, flip, maxPixels }) {
   const records = [];
   let failed = 0;
   for (const path of imagePaths) {
     const start = process.hrtime.bigint();
-    try { // one bad image does not stop the batch
-      const probs = await classify(session, await loadRgb(path), scales, flip, info.classes.length);
+    try {
+      const image = await loadRgb(path, { maxPixels, scales });
+      const probs = await classify(session, image, scales, flip, info.classes.length);
       const seconds = Math.round(Number(process.hrtime.bigint() - start) / 1e5) / 1e4;
       records.push({ path, top_k: topK(probs, info.classes), method: 'dense', scales, models: [modelPath], seconds });
     } catch (e) {
@@ -286,10 +487,56 @@ async function main(argv) {
   return failed ? 1 : 0;
 }
 
-module.exports = { loadModel, loadRgb, rescale, toTensor, classify, topK };
+async function main(argv) {
+  const options = parseOptions(argv);
+  if (options.help) { console.log(USAGE); return 0; }
+  const { positional, rawInput } = options;
+  if (!positional.length || (!rawInput && positional.length < 2)) throw new UsageError('a model and at least one image are required');
+
+  const [modelPath, ...imagePaths] = positional;
+  const { session, info } = await loadModel(modelPath);
+  const scales = options.scales || info.testScales;
+  const small = scales.find((q) => q < info.cropSize);
+  if (small !== undefined) throw new UsageError(`scale ${small} is smaller than the model's crop size ${info.cropSize}`);
+  if (rawInput) return runRaw(session, rawInput, options.shape || []);
+  return classifyImages(session, info, modelPath, imagePaths, { ...options, scales });
+}
+
+// A command line longer than this is handed to a copy of this script over a pipe, so that the
+// process that creates the session has a short one (see MAX_COMMAND_LINE).
+const REEXEC_ABOVE = 8192;
+const ARGS_FROM_STDIN = '--args-from-stdin'; // internal: the arguments, as a JSON array, on stdin
+
+function runWithShortCommandLine(argv) {
+  const { spawn } = require('child_process');
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, [...process.execArgv, __filename, ARGS_FROM_STDIN], { stdio: ['pipe', 'inherit', 'inherit'] });
+    // Ctrl-C or a kill of this process ends the copy too, and then this process by the same signal
+    const stops = ['SIGINT', 'SIGTERM', 'SIGHUP'], forward = (name) => child.kill(name);
+    for (const name of stops) process.on(name, forward);
+    child.on('error', (e) => { console.error(`classify: error: cannot start node: ${e.message}`); resolve(1); });
+    child.on('exit', (code, signal) => {
+      for (const name of stops) process.off(name, forward);
+      if (stops.includes(signal)) process.kill(process.pid, signal);
+      else if (signal) console.error(`classify: error: the classifying process ended by ${signal}`);
+      resolve(signal ? 1 : code);
+    });
+    child.stdin.on('error', () => {}); // a child that exits early is reported by 'exit'
+    child.stdin.end(JSON.stringify(argv));
+  });
+}
+
+function commandLineArguments() {
+  const argv = process.argv.slice(2);
+  if (argv.length === 1 && argv[0] === ARGS_FROM_STDIN) return JSON.parse(fs.readFileSync(0, 'utf8'));
+  return argv;
+}
+
+module.exports = { loadModel, loadRgb, rescale, toTensor, classify, topK, imageSizeFromHeader, DEFAULT_MAX_PIXELS };
 
 if (require.main === module) {
-  main(process.argv.slice(2)).then((code) => { process.exitCode = code; }, (e) => {
+  const long = commandLineBytes() > REEXEC_ABOVE && process.argv[2] !== ARGS_FROM_STDIN;
+  Promise.resolve().then(() => (long ? runWithShortCommandLine(process.argv.slice(2)) : main(commandLineArguments()))).then((code) => { process.exitCode = code; }, (e) => {
     console.error(`classify: error: ${e.message.split('\n')[0]}`);
     if (e instanceof UsageError) console.error(USAGE);
     process.exitCode = e instanceof UsageError ? 2 : 1;

@@ -10,10 +10,12 @@ import contextlib
 import ctypes
 import io
 import os
+import stat
 import sys
 
 import numpy as np
 
+from vgg_onnx.atomic import file_kind
 from vgg_onnx.errors import UsageError, VggOnnxError
 from vgg_onnx.metadata import INPUT_NAME, PROBS_NAME, SCORES_NAME, ModelInfo
 
@@ -131,7 +133,18 @@ def check_metadata(info: ModelInfo, output_width: int | None, source: str) -> No
     elif info.crop_size > 0 and min(scales) < info.crop_size:
         problems.append(f"its test scale {min(scales)} is smaller than its crop size {info.crop_size}")
     if problems:
-        raise VggOnnxError(f"{source}: bad vgg-onnx metadata: {'; '.join(problems)}")
+        raise VggOnnxError(f"{source}: malformed vgg-onnx metadata: {'; '.join(problems)}")
+
+
+def check_model_file(path: str) -> None:
+    """Only a regular file is a model (docs/decoding.md): a FIFO would hang the loader, a device
+    such as /dev/zero would never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        raise VggOnnxError(f"{path}: no such model file") from None
+    if not stat.S_ISREG(mode):
+        raise VggOnnxError(f"{path}: cannot read: {file_kind(mode)}, not a regular file")
 
 
 class ModelSession:
@@ -142,8 +155,7 @@ class ModelSession:
         check_threads(threads)
         self.path = os.fspath(path)
         self.name = os.path.basename(self.path)
-        if not os.path.isfile(self.path):
-            raise VggOnnxError(f"{self.path}: no such model file")
+        check_model_file(self.path)
         self.provider, reason = resolve_provider(provider)
         try:
             self.session = self._create(self.provider, threads)

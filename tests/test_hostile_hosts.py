@@ -33,15 +33,6 @@ PEAK_MEMORY_LIMIT = 2 << 30
 ADDRESS_SPACE_CAP = 4 << 30
 GOOD_IMAGE = SAMPLES / "chelsea.png"
 
-# Cases the Python runtime fails on this branch: its fixes (decoder: regular files only, the TIFF
-# size from the decoder, size-bounded reads; runtime: metadata validated at load) land separately.
-PYTHON_FAILS_TODAY = {
-    "fifo", "dev-zero", "oversized-file", "tiff-duplicated-size",
-    "model-fifo", "model-dev-zero", "model-folder", "model-classes-mismatch", "model-no-test-scales",
-    "model-negative-crop", "model-crop-not-32", "model-scale-below-crop", "model-negative-scale", "model-deep-json",
-}
-
-
 @dataclass
 class Outcome:
     returncode: int
@@ -136,9 +127,7 @@ def parameters() -> list:
     params = []
     for host in ("cpp", "node", "python"):
         for case in CASES:
-            marks = [pytest.mark.xfail(strict=False, reason="python fix lands separately")] \
-                if host == "python" and case.name in PYTHON_FAILS_TODAY else []
-            params.append(pytest.param(host, case, id=f"{host}-{case.name}", marks=marks))
+            params.append(pytest.param(host, case, id=f"{host}-{case.name}"))
     return params
 
 

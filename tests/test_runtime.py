@@ -300,7 +300,7 @@ def test_bad_metadata_is_one_line_at_load_exit_1(small_model, tmp_path, changes,
     from vgg_onnx.cli import main
 
     bad = model_with_metadata(small_model, tmp_path, **changes)
-    with pytest.raises(VggOnnxError, match="bad vgg-onnx metadata") as e:
+    with pytest.raises(VggOnnxError, match="malformed vgg-onnx metadata") as e:
         ModelSession(bad, "cpu")
     assert not isinstance(e.value, UsageError) and message in str(e.value) and str(bad) in str(e.value)
     out = tmp_path / "out.json"

@@ -103,7 +103,7 @@ class ModelInfo:
         for key, value in props.items():
             try:
                 decoded[key] = json.loads(value)
-            except (json.JSONDecodeError, TypeError):
+            except (json.JSONDecodeError, TypeError, RecursionError):  # RecursionError: forged, deeply nested
                 decoded[key] = value
         # values that are strings were stored as they are; a JSON-looking string stays decoded
         decoded[FORMAT_KEY] = props.get(FORMAT_KEY)

@@ -19,7 +19,7 @@ from .errors import UsageError, VggOnnxError
 __all__ = ["CONVENTIONS", "DECODER_MAX_PIXELS", "DEFAULT_MAX_PIXELS", "GRID_SIZE", "IMAGE_EXTENSIONS",
            "IMAGENET_MEAN_RGB", "NORMALIZATIONS", "ImageError", "Normalization", "check_pixel_limit",
            "check_scales", "crop_boxes", "decode_image", "default_test_scales", "grid_offsets",
-           "image_size_from_header", "load_image", "max_file_bytes", "mirror", "normalization", "parse_scales",
+           "image_size_from_header", "load_image", "MAX_FILE_BYTES", "mirror", "normalization", "parse_scales",
            "read_image_file", "rescale", "rescaled_size"]
 
 DEFAULT_MAX_PIXELS = 100_000_000  # refuse larger images from their header, before decoding
@@ -336,18 +336,13 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def max_file_bytes(max_pixels: int) -> int:
-    """The largest image file worth reading for an image of at most `max_pixels`.
-
-    The most a supported format spends on a pixel is 8 bytes (16-bit RGBA, uncompressed TIFF or
-    PNG), plus up to 1 byte of row framing per pixel (a one-pixel-wide PNG has a filter byte per
-    row); 64 MiB more covers the metadata a photo carries (EXIF, ICC profile, thumbnails). A
-    larger file cannot be an image within the limit, so it is refused unread.
-    """
-    return 9 * max_pixels + (64 << 20)
+MAX_FILE_BYTES = 1 << 30
+"""The largest image file any host reads (docs/decoding.md): 1 GiB holds the largest image within
+the default pixel limit in any supported format (16-bit RGBA uncompressed: 8 bytes a pixel, 800 MB
+at 100 megapixels) and bounds what a hostile file can make a host hold in memory."""
 
 
-def read_image_file(path: str | os.PathLike, max_bytes: int) -> bytes:
+def read_image_file(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     """The bytes of a regular file of at most `max_bytes`; anything else is an ImageError naming it.
 
     A FIFO or a device named like an image would block or never end: the name is checked with
@@ -366,23 +361,22 @@ def read_image_file(path: str | os.PathLike, max_bytes: int) -> bytes:
         if not stat.S_ISREG(opened.st_mode):
             raise ImageError(f"{path}: cannot read: {file_kind(opened.st_mode)}, not a regular file")
         if opened.st_size > max_bytes:
-            raise ImageError(f"{path}: {opened.st_size} bytes is more than an image within the pixel limit "
-                             f"can take ({max_bytes} bytes)")
+            raise ImageError(f"{path}: file of {opened.st_size} bytes exceeds the size limit of {max_bytes} bytes")
         try:
             data = f.read(max_bytes + 1)
         except OSError as e:
             raise ImageError(f"{path}: cannot read: {e.strerror or e}") from None
     if len(data) > max_bytes:  # it grew while being read
-        raise ImageError(f"{path}: more than {max_bytes} bytes, more than an image within the pixel limit can take")
+        raise ImageError(f"{path}: file of more than {max_bytes} bytes exceeds the size limit of {max_bytes} bytes")
     return data
 
 
 def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read and decode an image file; errors name the file and the problem in one line.
 
-    Only regular files of at most max_file_bytes(max_pixels) are read (see read_image_file).
+    Only regular files of at most MAX_FILE_BYTES are read (see read_image_file).
     """
-    data = read_image_file(path, max_file_bytes(max_pixels))
+    data = read_image_file(path)
     try:
         return decode_image(data, max_pixels)
     except ImageError as e:

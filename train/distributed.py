@@ -43,6 +43,24 @@ def setup() -> Process:
     return Process(rank, world, local_rank, device)
 
 
+def elastic_run_id() -> str | None:
+    """torchrun's run id (its --rdzv-id; a fresh id per --standalone launch), the same on every node and restart."""
+    return os.environ.get("TORCHELASTIC_RUN_ID") or None
+
+
+def elastic_restart_count(device: torch.device) -> int:
+    """How many times torchrun's agent has restarted the workers (TORCHELASTIC_RESTART_COUNT), the most any
+    node reports: an agent that restarts its workers only because another node failed keeps its count."""
+    try:
+        own = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    except ValueError:
+        own = 0
+    tensor = torch.tensor([own], dtype=torch.int64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

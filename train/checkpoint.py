@@ -62,7 +62,10 @@ def _previous(path: str) -> str:
 
 def _link_or_copy(source: str, target: str) -> None:
     """Make `target` hold `source`'s bytes, atomically (a hard link where the file system has them)."""
-    tmp = target + ".link.tmp"
+    if os.path.exists(target) and os.path.samefile(source, target):
+        return  # already one file (a rename between two links of it would do nothing and keep the temporary)
+    folder, name = os.path.split(target)
+    tmp = os.path.join(folder, "." + name + ".link.tmp")  # hidden *.tmp: a run started later removes leftovers
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)
     try:

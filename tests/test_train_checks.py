@@ -70,6 +70,8 @@ def test_empty_weights_sha256_is_refused(run, shapes, tmp_path):
     one_line_error(resume(shapes, edited), 1, "last.json: no weights_sha256")
     one_line_error(run_cli("train", *SMALL, "--data", shapes, "--out", tmp_path / "from", "--scale", "36",
                            "--epochs", "1", "--init-from", edited / "last.safetensors"), 1, "no weights_sha256")
+    # that failure came after the colour statistics were saved: the folder it made is gone again
+    assert not (tmp_path / "from").exists()
 
 
 def test_init_from_missing_file_names_it_and_leaves_no_run_folder(shapes, tmp_path):
@@ -82,12 +84,15 @@ def test_init_from_missing_file_names_it_and_leaves_no_run_folder(shapes, tmp_pa
 
 
 def test_failure_keeps_a_folder_that_was_there(shapes, tmp_path):
+    """A failure before the first step removes what the run wrote (stats.json), not the user's files."""
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "notes.txt").write_text("mine")
+    garbage = tmp_path / "bad.safetensors"
+    garbage.write_bytes(b"not a checkpoint")
     result = run_cli("train", *SMALL, "--data", shapes, "--out", folder, "--scale", "36", "--epochs", "1",
-                     "--init-from", tmp_path / "nope.safetensors")
-    assert result.returncode == 2
+                     "--init-from", garbage)
+    one_line_error(result, 1, "bad.json: missing")
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
 
 

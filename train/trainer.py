@@ -112,6 +112,8 @@ def check_args(args: TrainArgs, world: int) -> None:
         raise UsageError(f"--precision {args.precision!r}: fp32 or bf16")
     if args.width_mult <= 0:
         raise UsageError("--width-mult must be positive")
+    if args.init_from and not args.resume and not os.path.isfile(args.init_from):  # before slow work
+        raise UsageError(f"--init-from {args.init_from}: no such file")
     if args.limit_per_class is not None and args.limit_per_class < 1:
         raise UsageError("--limit-per-class must be at least 1")
     if args.workers < 0 or args.checkpoint_every < 0:
@@ -141,7 +143,8 @@ class Trainer:
         self.config = parse_config(args.config)
         self.run_dir = args.out
         self.last_json = ckpt.paths(self.run_dir, "last")[1]
-        self.created_run_dir = False  # a failure before the first checkpoint removes a folder this run made
+        # a failure before the first checkpoint removes the files and the folder this run made
+        self.created_run_dir, self.new_files = False, []
         self.saved_step = None  # the step of the newest `last` checkpoint
         self.train_split, self.val_split, self.classes = scan_data(args.data, args.limit_per_class)
         if len(self.train_split) < args.batch_size:
@@ -240,13 +243,14 @@ class Trainer:
 
     def remove_new_run_dir(self) -> None:
         """A run that fails before its first checkpoint leaves no folder behind (if it made the folder)."""
-        if not (self.proc.is_main and self.created_run_dir and self.saved_step is None):
+        if not (self.proc.is_main and self.saved_step is None):
             return
-        for name in (STATS_FILE, METRICS_FILE):
+        for path in self.new_files:
             with contextlib.suppress(OSError):
-                os.unlink(os.path.join(self.run_dir, name))
-        with contextlib.suppress(OSError):
-            os.rmdir(self.run_dir)  # only if empty: anything else there was not ours to delete
+                os.unlink(path)
+        if self.created_run_dir:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.run_dir)  # only if empty: anything else there was not ours to delete
 
     def check_resumable(self) -> dict:
         document = ckpt.read_json(self.last_json)
@@ -279,6 +283,7 @@ class Trainer:
         else:
             stats = compute_stats(self.train_split, self.args.workers, self.args.progress)
         save_stats(run_stats, stats)
+        self.new_files.append(run_stats)
         return stats
 
     # --- resume -----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The paper's training recipe (PAPER.md §2) on one process or many, with exact resume.
+"""The paper's training recipe (docs/protocol.md §2) on one process or many, with exact resume.
 
 Determinism: the data order of an epoch follows from (seed, epoch), every sample's
 augmentation from (seed, epoch, index), the dropout masks of a step from (seed, step, rank),
@@ -121,7 +121,7 @@ def check_args(args: TrainArgs, world: int) -> None:
 
 
 def validation_scale(scales: list[int]) -> int:
-    """Q = S for fixed S, the middle of [Smin, Smax] for jittered S (PAPER.md §3)."""
+    """Q = S for fixed S, the middle of [Smin, Smax] for jittered S (docs/protocol.md §3)."""
     return scales[0] if len(scales) == 1 else (scales[0] + scales[1]) // 2
 
 

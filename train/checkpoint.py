@@ -30,6 +30,9 @@ from safetensors.torch import save as save_safetensors
 from vgg_onnx.errors import VggOnnxError
 from vgg_onnx.metadata import ModelInfo
 
+__all__ = ["json_path_for", "load_checkpoint", "load_newest_whole", "load_weights", "paths", "read_json",
+           "save_checkpoint"]
+
 WEIGHTS_SUFFIX = ".safetensors"
 OPTIM_SUFFIX = ".optim.pt"
 PREVIOUS_SUFFIX = ".prev"

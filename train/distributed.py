@@ -9,6 +9,10 @@ import torch
 import torch.distributed as dist
 
 
+__all__ = ["Process", "all_reduce_sum", "barrier", "broadcast_object", "cleanup", "elastic_restart_count",
+           "elastic_run_id", "setup"]
+
+
 @dataclass(frozen=True)
 class Process:
     rank: int

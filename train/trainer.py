@@ -37,6 +37,8 @@ from .distributed import (Process, all_reduce_sum, barrier, broadcast_object, cl
 from .init import init_from_checkpoint
 from .model import VGG, count_parameters, init_weights
 
+__all__ = ["State", "TrainArgs", "Trainer", "check_args", "train"]
+
 METRICS_FILE = "metrics.jsonl"
 MAX_DIVISIONS = 3  # the paper divided the learning rate by 10 three times
 # arguments a resumed run must share with the run it continues

@@ -18,12 +18,15 @@ def shapes(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("shapes"), train_per_class=8, val_per_class=4)
 
 
+# SMALL without its --init: these runs take the default
+DEFAULT_INIT = [w for w in SMALL if w not in ("--init", "glorot")]
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, shapes) -> Path:
-    """One epoch of one step, with the default --init (SMALL's --init glorot left out)."""
+    """One epoch of one step."""
     folder = tmp_path_factory.mktemp("runs") / "one"
-    small = [w for w in SMALL if w not in ("--init", "glorot")]
-    result = run_cli("train", *small, "--data", shapes, "--out", folder, "--scale", "36", "--epochs", "1",
+    result = run_cli("train", *DEFAULT_INIT, "--data", shapes, "--out", folder, "--scale", "36", "--epochs", "1",
                      "--batch-size", "32")
     assert result.returncode == 0, result.stderr[-3000:]
     return folder
@@ -41,8 +44,7 @@ def edited_copy(run: Path, tmp_path: Path, edit) -> Path:
 
 
 def resume(shapes: Path, run: Path):
-    small = [w for w in SMALL if w not in ("--init", "glorot")]
-    return run_cli("train", *small, "--data", shapes, "--out", run, "--scale", "36", "--epochs", "2",
+    return run_cli("train", *DEFAULT_INIT, "--data", shapes, "--out", run, "--scale", "36", "--epochs", "2",
                    "--batch-size", "32", "--resume")
 
 

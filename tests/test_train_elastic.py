@@ -170,6 +170,15 @@ def read_step(run: Path) -> int:
         return -1
 
 
+def fault_figures(nodes: TwoNodes, killed_at: float) -> tuple[int, int, float]:
+    """(steps begun before the kill and done again, the first step after the restart, seconds from the
+    kill to the start of that step)."""
+    steps = nodes.steps()
+    begun_before = max(step for first, step, _ in steps if first)
+    started, first_after = min((started, step) for first, step, started in steps if not first)
+    return begun_before - (first_after - 1), first_after, started - killed_at
+
+
 def load_weights(path: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -233,13 +242,10 @@ def test_worker_killed_mid_epoch_resumes_by_itself(two_node_run, shapes, tmp_pat
                      output), output[-4000:]
     assert_same_run(run, two_node_run)
 
-    steps = nodes.steps()
-    begun_before = max(step for first, step, _ in steps if first)
-    first_after = min((started, step) for first, step, started in steps if not first)
-    lost = begun_before - (first_after[1] - 1)  # steps begun before the kill that had to be done again
-    assert first_after[1] == 9 and 1 <= lost <= 4, steps
-    print(f"\nfault mid-epoch with --checkpoint-every 4: {lost} steps redone, "
-          f"{first_after[0] - killed_at:.1f} s from the kill to the first step after the restart")
+    redone, first_step, seconds = fault_figures(nodes, killed_at)
+    assert first_step == 9 and 1 <= redone <= 4, nodes.steps()
+    print(f"\nkilled mid-epoch, --checkpoint-every 4: {redone} steps redone, {seconds:.1f} s from the kill to "
+          f"training again")
 
 
 def test_worker_killed_while_saving_uses_the_previous_checkpoint(two_node_run, shapes, tmp_path):
@@ -248,12 +254,15 @@ def test_worker_killed_while_saving_uses_the_previous_checkpoint(two_node_run, s
     nodes.wait_until(lambda: (nodes.hooks / "stalled").exists(), "the stalled save of step 8")
     # rank 0 is between the renames of the step-8 save: new weights beside the JSON of step 6
     assert read_step(run) == 6
-    nodes.kill(0, 0)
+    killed_at = nodes.kill(0, 0)
     output = nodes.finish()
     assert "restored the previous checkpoint (step 6)" in output, output[-4000:]
     assert re.search(r"torchrun restart \d+: resuming .* from its checkpoint of step 6 \(epoch 2, step 0 of 6\)",
                      output), output[-4000:]
     assert_same_run(run, two_node_run)
+    redone, first_step, seconds = fault_figures(nodes, killed_at)
+    assert first_step == 7, nodes.steps()
+    print(f"\nkilled while saving step 8: {redone} steps redone, {seconds:.1f} s from the kill to training again")
 
 
 def test_fresh_run_still_refuses_a_run_folder_of_another_job(two_node_run, shapes, tmp_path):

@@ -272,8 +272,12 @@ def test_fresh_run_still_refuses_a_run_folder_of_another_job(two_node_run, shape
                              "--out", str(two_node_run)], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "already holds a run" in result.stderr and "Traceback" not in result.stderr
-    # the same job id without a restart (a new launch reusing --rdzv-id) does not resume either
-    env.update(TORCHELASTIC_RESTART_COUNT="0", TORCHELASTIC_RUN_ID="vgg-D")
-    result = subprocess.run([sys.executable, "-m", "vgg_onnx.train", *TINY, "--data", str(shapes),
-                             "--out", str(two_node_run)], capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 2 and "already holds a run" in result.stderr, result.stderr[-2000:]
+    # the job's own id (--rdzv-id vgg-D), first attempt or restarted, but other agents: a new launch
+    # reusing the id (its first attempt fails as above; the agent restarts it) still does not resume
+    for count in ("0", "1"):
+        env.update(TORCHELASTIC_RESTART_COUNT=count, TORCHELASTIC_RUN_ID="vgg-D")
+        result = subprocess.run([sys.executable, "-m", "vgg_onnx.train", *TINY, "--data", str(shapes),
+                                 "--out", str(two_node_run)], capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 2 and "already holds a run" in result.stderr, result.stderr[-2000:]
+    elastic = json.loads((two_node_run / "last.json").read_text())["training"]["elastic"]
+    assert elastic["run_id"] == "vgg-D" and len(elastic["agents"]) == 2, elastic

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +11,7 @@ import torch.distributed as dist
 
 
 __all__ = ["Process", "all_reduce_sum", "barrier", "broadcast_object", "cleanup", "elastic_restart_count",
-           "elastic_run_id", "setup"]
+           "elastic_agents", "elastic_run_id", "setup"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,20 @@ def setup() -> Process:
 def elastic_run_id() -> str | None:
     """torchrun's run id (its --rdzv-id; a fresh id per --standalone launch), the same on every node and restart."""
     return os.environ.get("TORCHELASTIC_RUN_ID") or None
+
+
+def elastic_agents() -> list[str]:
+    """The torchrun agents of this job as "host:pid" (each worker's parent process), from every process.
+
+    A restart keeps the agents (on the machines that survived); a new launch has new ones, even with
+    the same --rdzv-id, so a checkpoint that names one of them was written by this job.
+    """
+    own = f"{socket.gethostname()}:{os.getppid()}"
+    if not dist.is_initialized():
+        return [own]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, own)
+    return sorted(set(gathered))
 
 
 def elastic_restart_count(device: torch.device) -> int:

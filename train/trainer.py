@@ -32,8 +32,8 @@ from . import checkpoint as ckpt
 from .augment import INIT_STREAM, STEP_STREAM, derived_seed
 from .data import (STATS_FILE, ColourStats, EpochBatches, TrainDataset, ValDataset, collate, compute_stats, load_stats,
                    save_stats, scan_data, shard)
-from .distributed import (Process, all_reduce_sum, barrier, broadcast_object, cleanup, elastic_restart_count,
-                          elastic_run_id, setup)
+from .distributed import (Process, all_reduce_sum, barrier, broadcast_object, cleanup, elastic_agents,
+                          elastic_restart_count, elastic_run_id, setup)
 from .init import init_from_checkpoint
 from .model import VGG, count_parameters, init_weights
 
@@ -131,11 +131,20 @@ def warn(message: str) -> None:
     tqdm.write(f"vgg-onnx: warning: {message}", file=sys.stderr)
 
 
-def same_elastic_run(json_path: str) -> bool:
-    """Whether the checkpoint was written under this torchrun job (the rendezvous id torchrun sets)."""
+def elastic_identity(agents: list[str]) -> dict | None:
+    """What a checkpoint records of the torchrun job that wrote it (None outside torchrun)."""
     run_id = elastic_run_id()
+    return {"run_id": run_id, "agents": agents} if run_id else None
+
+
+def same_elastic_run(json_path: str, agents: list[str]) -> bool:
+    """Whether the checkpoint was written by this torchrun job: the same run id (--rdzv-id) and at least
+    one of the same agent processes (a new launch that reuses the id has new agents)."""
     training = ckpt.read_json(json_path).get("training")
-    return bool(run_id) and isinstance(training, dict) and training.get("elastic_run_id") == run_id
+    saved = training.get("elastic") if isinstance(training, dict) else None
+    mine = elastic_identity(agents)
+    return (mine is not None and isinstance(saved, dict) and saved.get("run_id") == mine["run_id"]
+            and bool(set(saved.get("agents") or []) & set(agents)))
 
 
 class Trainer:
@@ -152,6 +161,7 @@ class Trainer:
         if len(self.train_split) < args.batch_size:
             raise UsageError(f"{self.train_split.root}: {len(self.train_split)} images, fewer than one batch of {args.batch_size}")
         self.restart = elastic_restart_count(proc.device)
+        self.agents = elastic_agents() if elastic_run_id() else []
         resume = self.checked_on_main(self.prepare_run_dir, broadcast=True)
         if resume and not args.resume:  # the same run, restarted by torchrun's agent after a fault
             self.args = args = dataclasses.replace(args, resume=True)
@@ -232,7 +242,7 @@ class Trainer:
             raise UsageError(f"{self.run_dir}: run folder is not writable")
         resume = self.args.resume
         if os.path.exists(json_path) and not resume:
-            if not (self.restart and same_elastic_run(json_path)):
+            if not (self.restart and same_elastic_run(json_path, self.agents)):
                 raise UsageError(f"{self.run_dir}: already holds a run (last.json); pass --resume to continue it "
                                  f"or choose another --out")
             resume = True
@@ -345,7 +355,7 @@ class Trainer:
                     "sample index or rank); nothing else is random, so no generator state is stored"},
             "args": dataclasses.asdict(self.args),
             "world_size": self.proc.world,
-            "elastic_run_id": elastic_run_id(),  # lets a torchrun restart recognise its own run
+            "elastic": elastic_identity(self.agents),  # lets a torchrun restart recognise its own run
             "init_note": self.init_note,
         }
         try:

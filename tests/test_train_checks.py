@@ -60,6 +60,11 @@ def test_resume_checkpoint_without_training_state(run, shapes, tmp_path):
     one_line_error(resume(shapes, edited), 1, "last.json: not a training checkpoint", "training.state")
 
 
+def test_resume_checkpoint_with_a_bad_state_field(run, shapes, tmp_path):
+    edited = edited_copy(run, tmp_path, lambda d: d["training"]["state"].update(epoch="one"))
+    one_line_error(resume(shapes, edited), 1, "training.state.epoch is 'one', not an integer")
+
+
 def test_resume_checkpoint_without_training(run, shapes, tmp_path):
     edited = edited_copy(run, tmp_path, lambda d: d.pop("training"))
     result = resume(shapes, edited)

@@ -95,6 +95,24 @@ class State:
     history: list = field(default_factory=list)  # one metrics row per epoch
 
 
+JSON_KINDS = {int: "an integer", float: "a number", str: "a string", dict: "an object", list: "a list"}
+
+
+def state_from_dict(saved: dict, source: str) -> State:
+    """A checkpoint's training.state, each field of the type State gives it (one line naming a bad one)."""
+    state = State()
+    for f in dataclasses.fields(State):
+        if f.name not in saved:
+            continue
+        value, default = saved[f.name], getattr(state, f.name)
+        number = isinstance(default, float) and type(value) in (int, float)
+        if not (number or type(value) is type(default) or (f.name == "best_top1" and value is None)):
+            raise VggOnnxError(f"{source}: training.state.{f.name} is {value!r}, not {JSON_KINDS[type(default)]}")
+        setattr(state, f.name, value)
+    state.best_top1 = math.inf if state.best_top1 is None else state.best_top1  # JSON has no infinity
+    return state
+
+
 def check_args(args: TrainArgs, world: int) -> None:
     parse_config(args.config)
     check_crop(args.crop)
@@ -271,6 +289,8 @@ class Trainer:
             raise VggOnnxError(f"{self.last_json}: not a training checkpoint (needs training.{', training.'.join(TRAINING_KEYS)}; "
                                f"a JSON written by export, or edited?): cannot resume from it")
         saved = training["args"]
+        if not isinstance(saved.get("config"), str):
+            raise VggOnnxError(f"{self.last_json}: training.args names no config: cannot resume from it")
         for key in RESUME_KEYS:
             mine = getattr(self.args, key)
             theirs = saved.get(key)
@@ -311,9 +331,7 @@ class Trainer:
         except RuntimeError as e:
             raise VggOnnxError(f"{self.last_json}: weights do not fit this model ({str(e).splitlines()[0]})") from None
         self.optimizer.load_state_dict(optim_state)
-        saved = document["training"]["state"]
-        self.state = State(**{f.name: saved[f.name] for f in dataclasses.fields(State) if f.name in saved})
-        self.state.best_top1 = math.inf if self.state.best_top1 is None else self.state.best_top1
+        self.state = state_from_dict(document["training"]["state"], self.last_json)
         if self.state.stopped.startswith("reached --epochs"):  # a finished run may be extended with more --epochs
             self.state.stopped = ""
         self.set_lr(self.state.lr)

@@ -172,7 +172,7 @@ class Trainer:
         self.config = parse_config(args.config)
         self.run_dir = args.out
         self.last_json = ckpt.paths(self.run_dir, "last")[1]
-        # a failure before the first checkpoint removes the files and the folder this run made
+        # a failure before the first step removes the files and the folder this run made
         self.created_run_dir, self.new_files = False, []
         self.saved_step = None  # the step of the newest `last` checkpoint
         self.train_split, self.val_split, self.classes = scan_data(args.data, args.limit_per_class)
@@ -272,8 +272,12 @@ class Trainer:
         return resume
 
     def remove_new_run_dir(self) -> None:
-        """A run that fails before its first checkpoint leaves no folder behind (if it made the folder)."""
-        if not (self.proc.is_main and self.saved_step is None):
+        """A run that fails before its first step removes what it wrote and the folder, if it made it.
+
+        Later failures keep stats.json (a pass over the whole training set) for the next attempt.
+        """
+        state = getattr(self, "state", None)
+        if not (self.proc.is_main and self.saved_step is None and (state is None or state.step == 0)):
             return
         for path in self.new_files:
             with contextlib.suppress(OSError):

@@ -142,19 +142,37 @@ class TwoNodes:
     def wait_until(self, condition, what: str, timeout: float = 120) -> None:
         deadline = time.time() + timeout
         while not condition():
-            assert time.time() < deadline and all(a.poll() is None for a in self.agents), \
-                f"never saw {what}\n{self.output()[-4000:]}"
+            if time.time() > deadline or any(a.poll() is not None for a in self.agents):
+                self.stop()
+                pytest.fail(f"never saw {what}\n{self.output()[-4000:]}")
             time.sleep(0.02)
+
+    def stop(self) -> None:
+        """End what is left: the agents stop their workers on SIGTERM (which run in sessions of
+        their own); workers still there after that are killed by the pids they recorded."""
+        for agent in self.agents:
+            if agent.poll() is None:
+                agent.terminate()
+        for agent in self.agents:
+            try:
+                agent.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(agent.pid, signal.SIGKILL)
+                agent.wait()
+        for pid_file in self.hooks.glob("pid-*"):
+            pid = int(pid_file.read_text())
+            try:
+                if "vgg_onnx.train" in Path(f"/proc/{pid}/cmdline").read_text():
+                    os.kill(pid, signal.SIGKILL)
+            except (OSError, ValueError):
+                pass  # gone already
 
     def finish(self) -> str:
         try:
             for agent in self.agents:
                 agent.wait(timeout=AGENT_TIMEOUT)
-        finally:
-            for agent in self.agents:
-                if agent.poll() is None:
-                    os.killpg(agent.pid, signal.SIGKILL)
-                    agent.wait()
+        except subprocess.TimeoutExpired:
+            self.stop()
         output = self.output()
         assert [a.returncode for a in self.agents] == [0, 0], output[-6000:]
         return output

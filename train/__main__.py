@@ -1,6 +1,7 @@
 """`python -m vgg_onnx.train ...` and `torchrun --nproc-per-node N -m vgg_onnx.train ...`: `vgg-onnx train`."""
 
 import os
+import re
 import sys
 
 import click
@@ -29,6 +30,26 @@ def main() -> None:
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
+    except RuntimeError as e:
+        if not lost_peer(e):
+            raise
+        # every process says it once: which one lost its peers matters when reading a node's log
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        click.echo(f"vgg-onnx: error: rank {rank}: lost contact with another training process ({first}); "
+                   f"under torchrun --max-restarts N the agents restart the workers, which resume from the run's "
+                   f"last checkpoint", err=True)
+        sys.exit(1)
+
+
+# what gloo and nccl say when a peer process died or cannot be reached
+LOST_PEER = re.compile(r"gloo|nccl|Connection (closed|reset)|connectFullMesh|Broken pipe|timed out", re.IGNORECASE)
+
+
+def lost_peer(error: RuntimeError) -> bool:
+    """A collective failed because another process of the job is gone (a killed or preempted worker)."""
+    import torch.distributed as dist
+
+    return isinstance(error, dist.DistError) or bool(LOST_PEER.search(str(error)))
 
 
 if __name__ == "__main__":

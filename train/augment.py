@@ -1,4 +1,4 @@
-"""The paper's training augmentation (PAPER.md §2), on numpy images, one generator per sample.
+"""The paper's training augmentation (docs/protocol.md §2), on numpy images, one generator per sample.
 
 Every random draw for a sample comes from a generator seeded by (seed, epoch, sample index),
 so a sample's pixels do not depend on the number of data workers or processes, and a resumed

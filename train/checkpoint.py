@@ -5,9 +5,12 @@ RUN_DIR/<name>.json         ModelInfo.to_json_dict() (what `vgg-onnx export --we
                             plus "training": epoch, step, lr, metrics, seeds, colour statistics, args
 RUN_DIR/<name>.optim.pt     the optimizer's state dict (read with torch.load(weights_only=True))
 
-The three files are written to temporary files and fsynced first, then renamed: a failure
-while writing (a full disk) leaves the previous checkpoint whole. The JSON holds the sha256
-of the weights, so a checkpoint whose files do not belong together is refused on loading.
+The three files are written to temporary files and fsynced first, then renamed (the JSON
+last): a failure while writing (a full disk) leaves the previous checkpoint whole. The JSON
+holds the sha256 of the weights and the optimizer file its step, so files that do not belong
+together are refused on loading. Before the renames the current files are hard-linked to
+RUN_DIR/.<file>.prev, so a kill between two renames (a preempted machine) still leaves one
+whole generation: load_newest_whole falls back to it and restores it.
 """
 
 from __future__ import annotations
@@ -17,17 +20,22 @@ import hashlib
 import io
 import json
 import os
+import shutil
+import tempfile
 
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from vgg_onnx.atomic import atomic_path
 from vgg_onnx.errors import VggOnnxError
 from vgg_onnx.metadata import ModelInfo
 
+__all__ = ["json_path_for", "load_checkpoint", "load_newest_whole", "load_weights", "paths", "read_json",
+           "save_checkpoint"]
+
 WEIGHTS_SUFFIX = ".safetensors"
 OPTIM_SUFFIX = ".optim.pt"
+PREVIOUS_SUFFIX = ".prev"
 
 
 def paths(run_dir: str, name: str) -> tuple[str, str, str]:
@@ -49,9 +57,44 @@ def _write(path: str, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _previous(path: str) -> str:
+    """RUN_DIR/last.json -> RUN_DIR/.last.json.prev: the generation before the newest save."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, "." + name + PREVIOUS_SUFFIX)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    """Make `target` hold `source`'s bytes, atomically (a hard link where the file system has them)."""
+    if os.path.exists(target) and os.path.samefile(source, target):
+        return  # already one file (a rename between two links of it would do nothing and keep the temporary)
+    folder, name = os.path.split(target)
+    tmp = os.path.join(folder, "." + name + ".link.tmp")  # hidden *.tmp: a run started later removes leftovers
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    try:
+        os.link(source, tmp)
+    except OSError:  # no hard links (some network file systems): a copy does the same
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def _commit(tmp: str, path: str) -> None:
+    # the one place a new checkpoint file replaces the old (tests stall here to kill a run mid-save)
+    os.replace(tmp, path)
+
+
+def _keep_previous(files: list[str]) -> None:
+    """Link the current files to their `.prev` names before any of them is replaced: a kill between
+    the renames of a save then leaves a whole previous generation to resume from."""
+    if not all(os.path.exists(path) for path in files):
+        return  # the first save of this name: nothing to keep
+    for path in files:
+        _link_or_copy(path, _previous(path))
+
+
 def save_checkpoint(run_dir: str, name: str, state_dict: dict, info: ModelInfo, training: dict,
                     optim_state: dict | None) -> None:
-    """Write <name>.safetensors, <name>.json and <name>.optim.pt together, or none of them."""
+    """Write <name>.safetensors, <name>.optim.pt and <name>.json together, or none of them."""
     weights_path, json_path, optim_path = paths(run_dir, name)
     tensors = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
                for k, v in state_dict.items()}
@@ -61,16 +104,27 @@ def save_checkpoint(run_dir: str, name: str, state_dict: dict, info: ModelInfo, 
     document = info.to_json_dict()
     document["training"] = training
     text = json.dumps(document, indent=1) + "\n"
-    files = [(weights_path, weights), (json_path, text.encode("utf-8"))]
+    files = [(weights_path, weights)]
     if optim_state is not None:
         buffer = io.BytesIO()
         torch.save({"optimizer": optim_state, "step": training.get("step")}, buffer)
-        files.insert(1, (optim_path, buffer.getvalue()))
-    # every temporary file is written and fsynced before the first rename; the JSON goes last
-    with contextlib.ExitStack() as stack:
-        temps = [(stack.enter_context(atomic_path(path)), data) for path, data in reversed(files)]
-        for tmp, data in temps:
+        files.append((optim_path, buffer.getvalue()))
+    files.append((json_path, text.encode("utf-8")))  # the JSON last: it commits the generation
+    temps: list[str] = []
+    try:
+        for path, data in files:  # every file written and fsynced before the first rename
+            fd, tmp = tempfile.mkstemp(dir=run_dir, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+            os.close(fd)
+            os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a checkpoint is an ordinary file
+            temps.append(tmp)
             _write(tmp, data)
+        _keep_previous([path for path, _ in files])
+        for tmp, (path, _) in zip(temps, files):
+            _commit(tmp, path)
+    finally:
+        for tmp in temps:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 def read_json(path: str) -> dict:
@@ -102,18 +156,49 @@ def load_weights(weights_path: str, expected_sha256: str = "") -> dict[str, torc
 def load_checkpoint(run_dir: str, name: str, with_optimizer: bool = True):
     """(state_dict, JSON document, optimizer state or None), checked to belong together."""
     weights_path, json_path, optim_path = paths(run_dir, name)
+    return _load_files(weights_path, json_path, optim_path if with_optimizer else None)
+
+
+def _load_files(weights_path: str, json_path: str, optim_path: str | None):
     document = read_json(json_path)
     info = ModelInfo.from_json_dict(document, json_path)
+    if not info.weights_sha256:  # an empty hash must not switch the integrity check off
+        raise VggOnnxError(f"{json_path}: no weights_sha256 (the weights cannot be checked against it)")
     state = load_weights(weights_path, info.weights_sha256)
-    optim_state = None
-    if with_optimizer:
+    if optim_path is None:
+        return state, document, None
+    try:
+        optim_state = torch.load(optim_path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise VggOnnxError(f"{optim_path}: missing (the optimizer state of {weights_path})") from None
+    except Exception as e:
+        raise VggOnnxError(f"{optim_path}: cannot load optimizer state ({e})") from None
+    training = document.get("training")
+    if not isinstance(optim_state, dict) or not isinstance(training, dict) or optim_state.get("step") != training.get("step"):
+        raise VggOnnxError(f"{optim_path}: belongs to another step than {json_path}")
+    return state, document, optim_state["optimizer"]
+
+
+def load_newest_whole(run_dir: str, name: str):
+    """Like load_checkpoint, but a generation that a kill left mixed (some files renamed, some not)
+    gives way to the previous one, which is then restored under the normal names.
+
+    Returns (state_dict, document, optimizer state, note); note is "" or says what was restored.
+    """
+    current = paths(run_dir, name)
+    try:
+        return (*_load_files(*current), "")
+    except VggOnnxError as error:
+        failure = str(error)
+        previous = [_previous(path) for path in current]
+        if not all(os.path.exists(path) for path in previous):
+            raise
         try:
-            optim_state = torch.load(optim_path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise VggOnnxError(f"{optim_path}: missing (the optimizer state of {weights_path})") from None
-        except Exception as e:
-            raise VggOnnxError(f"{optim_path}: cannot load optimizer state ({e})") from None
-        if not isinstance(optim_state, dict) or optim_state.get("step") != document.get("training", {}).get("step"):
-            raise VggOnnxError(f"{optim_path}: belongs to another step than {json_path}")
-        optim_state = optim_state["optimizer"]
-    return state, document, optim_state
+            loaded = _load_files(*previous)
+        except VggOnnxError:
+            raise error from None
+    for source, target in zip(previous, current):  # weights, optimizer, then the JSON that commits them
+        _link_or_copy(source, target)
+    step = loaded[1]["training"].get("step")
+    return (*loaded, f"{current[1]} was left mixed by an interrupted save ({failure}); "
+                     f"restored the previous checkpoint (step {step})")

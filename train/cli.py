@@ -37,8 +37,9 @@ def _int_list(text: str | None, option: str) -> list[int] | None:
 @click.option("--momentum", default=0.9, show_default=True, help="SGD momentum.")
 @click.option("--weight-decay", default=5e-4, show_default=True, help="L2 weight decay (SGD's weight_decay).")
 @click.option("--dropout", default=0.5, show_default=True, help="Dropout on the fc6 and fc7 outputs.")
-@click.option("--init", type=click.Choice(["gaussian", "glorot"]), default="gaussian", show_default=True,
-              help="Random initialisation: Gaussian std 0.01 (the paper's) or Glorot.")
+@click.option("--init", type=click.Choice(["gaussian", "glorot"]), default="glorot", show_default=True,
+              help="Random initialisation: Glorot (trains at every width), or the paper's Gaussian std 0.01 "
+                   "(which leaves small nets nothing to learn).")
 @click.option("--init-from", metavar="CKPT", help="Copy layers from a trained checkpoint (RUN_DIR/best.safetensors).")
 @click.option("--lr-patience", default=3, show_default=True,
               help="Divide the rate by 10 after this many epochs without a better validation top-1 error.")
@@ -52,17 +53,22 @@ def _int_list(text: str | None, option: str) -> list[int] | None:
               help="Also save RUN_DIR/last every STEPS steps within an epoch (0: at the end of each epoch).")
 @click.option("--stats", "stats_file", metavar="FILE", help="Colour statistics from `vgg-onnx stats --out FILE` "
               "(default: RUN_DIR/stats.json, computed when missing).")
+@click.option("--limit-per-class", type=int, metavar="N",
+              help="Train and validate on the first N images of each class (quick trials).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
 def train_command(config, data, out, scale, crop, width_mult, batch_size, epochs, lr, momentum, weight_decay,
                   dropout, init, init_from, lr_patience, milestones, precision, workers, seed, resume,
-                  checkpoint_every, stats_file, progress):
+                  checkpoint_every, stats_file, limit_per_class, progress):
     """Train a VGG net with the paper's recipe, on one process or under torchrun (DDP).
 
     \b
     One process:   vgg-onnx train --config A --data DIR --out runs/A
     Several GPUs:  torchrun --nproc-per-node 8 -m vgg_onnx.train --config A --data DIR --out runs/A
     Several nodes: torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d \\
-                     --rdzv-endpoint HOST:29500 -m vgg_onnx.train ...   (same command on every node)
+                     --rdzv-endpoint HOST:29500 --rdzv-id vgg-D --max-restarts 3 \\
+                     -m vgg_onnx.train ... --out RUN_DIR --checkpoint-every 500
+                   (the same command on every node, RUN_DIR on shared storage; after a
+                   fault torchrun restarts the workers and they resume from RUN_DIR/last)
     """
     from .trainer import TrainArgs, train
 
@@ -70,7 +76,8 @@ def train_command(config, data, out, scale, crop, width_mult, batch_size, epochs
                      batch_size=batch_size, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
                      dropout=dropout, init=init, init_from=init_from, lr_patience=lr_patience,
                      milestones=_int_list(milestones, "--milestones"), precision=precision, workers=workers,
-                     seed=seed, resume=resume, checkpoint_every=checkpoint_every, stats=stats_file, progress=progress)
+                     seed=seed, resume=resume, checkpoint_every=checkpoint_every, stats=stats_file,
+                     limit_per_class=limit_per_class, progress=progress)
     summary = train(args)
     if int(os.environ.get("RANK", "0")) == 0:
         last = summary["last"]
@@ -96,7 +103,7 @@ def stats_command(data_dir, out, as_json, workers):
 
     if out:
         check_writable(out)
-    stats = compute_stats(scan_split(data_dir, "train"), workers)
+    stats = compute_stats(scan_split(data_dir, "train"), workers)  # warnings go to stderr
     if out:
         save_stats(out, stats)
     if as_json:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,8 +54,21 @@ def scan_split(data_dir: str, name: str) -> Split:
     return Split(root, classes, tuple(samples))
 
 
-def scan_data(data_dir: str) -> tuple[Split, Split, tuple[ClassInfo, ...]]:
-    """The train and val splits of DIR and the classes they share."""
+def limit_per_class(split: Split, limit: int | None) -> Split:
+    """The first `limit` images (in file-name order) of each class: a fixed subset for quick trials."""
+    if limit is None:
+        return split
+    taken = [0] * len(split.classes)
+    samples = []
+    for path, index in split.samples:
+        if taken[index] < limit:
+            taken[index] += 1
+            samples.append((path, index))
+    return Split(split.root, split.classes, tuple(samples))
+
+
+def scan_data(data_dir: str, limit: int | None = None) -> tuple[Split, Split, tuple[ClassInfo, ...]]:
+    """The train and val splits of DIR (at most `limit` images per class) and the classes they share."""
     if not os.path.isdir(data_dir):
         raise UsageError(f"{data_dir}: data folder not found")
     train, val = scan_split(data_dir, "train"), scan_split(data_dir, "val")
@@ -65,6 +79,7 @@ def scan_data(data_dir: str) -> tuple[Split, Split, tuple[ClassInfo, ...]]:
             f"only in train: {', '.join(only_train[:5])}" if only_train else "",
             f"only in val: {', '.join(only_val[:5])}" if only_val else "") if part)
         raise UsageError(f"{data_dir}: classes differ between train/ and val/ ({detail})")
+    train, val = limit_per_class(train, limit), limit_per_class(val, limit)
     return train, val, classes_from_folders(list(train.classes))
 
 
@@ -123,7 +138,7 @@ def compute_stats(split: Split, workers: int = 0, progress: bool = True) -> Colo
     for item in tqdm(loader, total=len(split), desc="colour statistics", unit="img", disable=not progress,
                      leave=False):
         if isinstance(item, str):
-            tqdm.write(f"vgg-onnx: warning: skipped {item}")
+            tqdm.write(f"vgg-onnx: warning: skipped {item}", file=sys.stderr)  # stdout carries only results
             skipped += 1
             continue
         n, s, o = item

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+
+__all__ = ["Process", "all_reduce_sum", "barrier", "broadcast_object", "cleanup", "elastic_restart_count",
+           "elastic_agents", "elastic_run_id", "setup"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,38 @@ def setup() -> Process:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     return Process(rank, world, local_rank, device)
+
+
+def elastic_run_id() -> str | None:
+    """torchrun's run id (its --rdzv-id; a fresh id per --standalone launch), the same on every node and restart."""
+    return os.environ.get("TORCHELASTIC_RUN_ID") or None
+
+
+def elastic_agents() -> list[str]:
+    """The torchrun agents of this job as "host:pid" (each worker's parent process), from every process.
+
+    A restart keeps the agents (on the machines that survived); a new launch has new ones, even with
+    the same --rdzv-id, so a checkpoint that names one of them was written by this job.
+    """
+    own = f"{socket.gethostname()}:{os.getppid()}"
+    if not dist.is_initialized():
+        return [own]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, own)
+    return sorted(set(gathered))
+
+
+def elastic_restart_count(device: torch.device) -> int:
+    """How many times torchrun's agent has restarted the workers (TORCHELASTIC_RESTART_COUNT), the most any
+    node reports: an agent that restarts its workers only because another node failed keeps its count."""
+    try:
+        own = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    except ValueError:
+        own = 0
+    tensor = torch.tensor([own], dtype=torch.int64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 def cleanup() -> None:

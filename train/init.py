@@ -8,6 +8,8 @@ from S=256): every tensor whose shape matches is copied.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from vgg_onnx.configs import parse_config
@@ -23,9 +25,13 @@ FC_KEYS = ("classifier.0", "classifier.3", "classifier.6")
 
 def init_from_checkpoint(model: VGG, weights_path: str) -> str:
     """Copy layers from a trained checkpoint (ours: weights + JSON beside them); returns what was done."""
+    if not os.path.isfile(weights_path):  # before its JSON, which would otherwise be the file named missing
+        raise UsageError(f"--init-from {weights_path}: no such file")
     json_path = json_path_for(weights_path)
     info = ModelInfo.from_json_dict(read_json(json_path), json_path)
-    source = load_weights(weights_path)
+    if not info.weights_sha256:
+        raise VggOnnxError(f"{json_path}: no weights_sha256 (the weights cannot be checked against it)")
+    source = load_weights(weights_path, info.weights_sha256)
     source_config = parse_config(info.config)
     target = model.state_dict()
     if source_config == model.config:

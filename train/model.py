@@ -79,7 +79,7 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def init_weights(model: VGG, method: str = "gaussian", generator: torch.Generator | None = None) -> VGG:
+def init_weights(model: VGG, method: str = "glorot", generator: torch.Generator | None = None) -> VGG:
     """The paper's initialisations: Gaussian std 0.01 (the authors' Caffe solver) or Glorot; biases zero."""
     if method not in ("gaussian", "glorot"):
         raise ValueError(f"unknown init {method!r}: gaussian or glorot")

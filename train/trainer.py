@@ -1,4 +1,4 @@
-"""The paper's training recipe (PAPER.md §2) on one process or many, with exact resume.
+"""The paper's training recipe (docs/protocol.md §2) on one process or many, with exact resume.
 
 Determinism: the data order of an epoch follows from (seed, epoch), every sample's
 augmentation from (seed, epoch, index), the dropout masks of a step from (seed, step, rank),
@@ -8,6 +8,7 @@ step k of an epoch replays the rest of the epoch exactly as the interrupted run 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -31,15 +32,21 @@ from . import checkpoint as ckpt
 from .augment import INIT_STREAM, STEP_STREAM, derived_seed
 from .data import (STATS_FILE, ColourStats, EpochBatches, TrainDataset, ValDataset, collate, compute_stats, load_stats,
                    save_stats, scan_data, shard)
-from .distributed import Process, all_reduce_sum, barrier, broadcast_object, cleanup, setup
+from .distributed import (Process, all_reduce_sum, barrier, broadcast_object, cleanup, elastic_agents,
+                          elastic_restart_count, elastic_run_id, setup)
 from .init import init_from_checkpoint
 from .model import VGG, count_parameters, init_weights
+
+__all__ = ["State", "TrainArgs", "Trainer", "check_args", "train"]
 
 METRICS_FILE = "metrics.jsonl"
 MAX_DIVISIONS = 3  # the paper divided the learning rate by 10 three times
 # arguments a resumed run must share with the run it continues
 RESUME_KEYS = ("config", "scale", "crop", "width_mult", "batch_size", "seed", "dropout", "momentum",
-               "weight_decay", "init", "milestones", "lr_patience")
+               "weight_decay", "init", "milestones", "lr_patience", "limit_per_class")
+TRAINING_KEYS = ("state", "args", "colour_stats")  # what --resume needs in a checkpoint's "training"
+CHANCE_EPOCHS = 3  # epochs with the training loss at chance level before the run says so
+CHANCE_FRACTION = 0.97  # "at chance": a training loss of at least this fraction of ln(classes)
 
 
 @dataclass
@@ -56,7 +63,7 @@ class TrainArgs:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     dropout: float = 0.5
-    init: str = "gaussian"
+    init: str = "glorot"  # the paper's Gaussian std 0.01 leaves nothing to learn at small widths
     init_from: str | None = None
     lr_patience: int = 3
     milestones: list[int] | None = None  # fixed epochs at which the rate is divided by 10, instead of plateaus
@@ -66,6 +73,7 @@ class TrainArgs:
     resume: bool = False
     checkpoint_every: int = 0  # also save `last` every N steps within an epoch (0: at epoch ends only)
     stats: str | None = None  # colour statistics from `vgg-onnx stats --out FILE`
+    limit_per_class: int | None = None  # train and validate on the first N images of each class
     progress: bool = True
     plot: bool = True
 
@@ -87,6 +95,24 @@ class State:
     history: list = field(default_factory=list)  # one metrics row per epoch
 
 
+JSON_KINDS = {int: "an integer", float: "a number", str: "a string", dict: "an object", list: "a list"}
+
+
+def state_from_dict(saved: dict, source: str) -> State:
+    """A checkpoint's training.state, each field of the type State gives it (one line naming a bad one)."""
+    state = State()
+    for f in dataclasses.fields(State):
+        if f.name not in saved:
+            continue
+        value, default = saved[f.name], getattr(state, f.name)
+        number = isinstance(default, float) and type(value) in (int, float)
+        if not (number or type(value) is type(default) or (f.name == "best_top1" and value is None)):
+            raise VggOnnxError(f"{source}: training.state.{f.name} is {value!r}, not {JSON_KINDS[type(default)]}")
+        setattr(state, f.name, value)
+    state.best_top1 = math.inf if state.best_top1 is None else state.best_top1  # JSON has no infinity
+    return state
+
+
 def check_args(args: TrainArgs, world: int) -> None:
     parse_config(args.config)
     check_crop(args.crop)
@@ -106,17 +132,37 @@ def check_args(args: TrainArgs, world: int) -> None:
         raise UsageError(f"--precision {args.precision!r}: fp32 or bf16")
     if args.width_mult <= 0:
         raise UsageError("--width-mult must be positive")
+    if args.init_from and not args.resume and not os.path.isfile(args.init_from):  # before slow work
+        raise UsageError(f"--init-from {args.init_from}: no such file")
+    if args.limit_per_class is not None and args.limit_per_class < 1:
+        raise UsageError("--limit-per-class must be at least 1")
     if args.workers < 0 or args.checkpoint_every < 0:
         raise UsageError("--workers and --checkpoint-every must be >= 0")
 
 
 def validation_scale(scales: list[int]) -> int:
-    """Q = S for fixed S, the middle of [Smin, Smax] for jittered S (PAPER.md §3)."""
+    """Q = S for fixed S, the middle of [Smin, Smax] for jittered S (docs/protocol.md §3)."""
     return scales[0] if len(scales) == 1 else (scales[0] + scales[1]) // 2
 
 
 def warn(message: str) -> None:
     tqdm.write(f"vgg-onnx: warning: {message}", file=sys.stderr)
+
+
+def elastic_identity(agents: list[str]) -> dict | None:
+    """What a checkpoint records of the torchrun job that wrote it (None outside torchrun)."""
+    run_id = elastic_run_id()
+    return {"run_id": run_id, "agents": agents} if run_id else None
+
+
+def same_elastic_run(json_path: str, agents: list[str]) -> bool:
+    """Whether the checkpoint was written by this torchrun job: the same run id (--rdzv-id) and at least
+    one of the same agent processes (a new launch that reuses the id has new agents)."""
+    training = ckpt.read_json(json_path).get("training")
+    saved = training.get("elastic") if isinstance(training, dict) else None
+    mine = elastic_identity(agents)
+    return (mine is not None and isinstance(saved, dict) and saved.get("run_id") == mine["run_id"]
+            and bool(set(saved.get("agents") or []) & set(agents)))
 
 
 class Trainer:
@@ -126,10 +172,26 @@ class Trainer:
         self.config = parse_config(args.config)
         self.run_dir = args.out
         self.last_json = ckpt.paths(self.run_dir, "last")[1]
-        self.checked_on_main(self.prepare_run_dir)
-        self.train_split, self.val_split, self.classes = scan_data(args.data)
+        # a failure before the first step removes the files and the folder this run made
+        self.created_run_dir, self.new_files = False, []
+        self.saved_step = None  # the step of the newest `last` checkpoint
+        self.train_split, self.val_split, self.classes = scan_data(args.data, args.limit_per_class)
         if len(self.train_split) < args.batch_size:
             raise UsageError(f"{self.train_split.root}: {len(self.train_split)} images, fewer than one batch of {args.batch_size}")
+        self.restart = elastic_restart_count(proc.device)
+        self.agents = elastic_agents() if elastic_run_id() else []
+        resume = self.checked_on_main(self.prepare_run_dir, broadcast=True)
+        if resume and not args.resume:  # the same run, restarted by torchrun's agent after a fault
+            self.args = args = dataclasses.replace(args, resume=True)
+        try:
+            self.build()
+        except BaseException:
+            self.remove_new_run_dir()
+            raise
+
+    def build(self) -> None:
+        """Statistics, model, optimizer (restored when resuming), DDP wrapper and loaders."""
+        args, proc = self.args, self.proc
         self.state = State(lr=args.lr)
         self.resume_doc = None
         if args.resume:
@@ -165,7 +227,7 @@ class Trainer:
             batch_sampler=shard(len(self.val_split), proc.rank, proc.world, self.local_batch),
             collate_fn=collate, num_workers=args.workers, pin_memory=proc.device.type == "cuda")
         self.autocast = args.precision == "bf16"
-        self.saved_step = self.state.step if args.resume else None  # the step of the newest `last` checkpoint
+        self.saved_step = self.state.step if args.resume else None
 
     # --- set-up on rank 0, errors shared with every rank ------------------------------------
 
@@ -185,26 +247,54 @@ class Trainer:
             raise error
         return result
 
-    def prepare_run_dir(self) -> None:
+    def prepare_run_dir(self) -> bool:
+        """Create or check RUN_DIR; returns whether to resume (--resume, or torchrun restarted this run)."""
         weights, json_path, _ = ckpt.paths(self.run_dir, "last")
         check_writable(weights)
         try:
+            self.created_run_dir = not os.path.isdir(self.run_dir)
             os.makedirs(self.run_dir, exist_ok=True)
         except OSError as e:
             raise UsageError(f"{self.run_dir}: cannot create the run folder: {e.strerror or e}") from None
         if not os.access(self.run_dir, os.W_OK | os.X_OK):
             raise UsageError(f"{self.run_dir}: run folder is not writable")
-        if os.path.exists(json_path) and not self.args.resume:
-            raise UsageError(f"{self.run_dir}: already holds a run (last.json); pass --resume to continue it or choose another --out")
-        if self.args.resume and not os.path.exists(json_path):
+        resume = self.args.resume
+        if os.path.exists(json_path) and not resume:
+            if not (self.restart and same_elastic_run(json_path, self.agents)):
+                raise UsageError(f"{self.run_dir}: already holds a run (last.json); pass --resume to continue it "
+                                 f"or choose another --out")
+            resume = True
+        if resume and not os.path.exists(json_path):
             raise UsageError(f"{self.run_dir}: nothing to resume (no last.json)")
         for entry in os.scandir(self.run_dir):  # temporary files of a save that a crash interrupted
             if entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file():
                 os.unlink(entry.path)
+        return resume
+
+    def remove_new_run_dir(self) -> None:
+        """A run that fails before its first step removes what it wrote and the folder, if it made it.
+
+        Later failures keep stats.json (a pass over the whole training set) for the next attempt.
+        """
+        state = getattr(self, "state", None)
+        if not (self.proc.is_main and self.saved_step is None and (state is None or state.step == 0)):
+            return
+        for path in self.new_files:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        if self.created_run_dir:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.run_dir)  # only if empty: anything else there was not ours to delete
 
     def check_resumable(self) -> dict:
         document = ckpt.read_json(self.last_json)
-        saved = document.get("training", {}).get("args", {})
+        training = document.get("training")
+        if not (isinstance(training, dict) and all(isinstance(training.get(k), dict) for k in TRAINING_KEYS)):
+            raise VggOnnxError(f"{self.last_json}: not a training checkpoint (needs training.{', training.'.join(TRAINING_KEYS)}; "
+                               f"a JSON written by export, or edited?): cannot resume from it")
+        saved = training["args"]
+        if not isinstance(saved.get("config"), str):
+            raise VggOnnxError(f"{self.last_json}: training.args names no config: cannot resume from it")
         for key in RESUME_KEYS:
             mine = getattr(self.args, key)
             theirs = saved.get(key)
@@ -229,25 +319,36 @@ class Trainer:
         else:
             stats = compute_stats(self.train_split, self.args.workers, self.args.progress)
         save_stats(run_stats, stats)
+        self.new_files.append(run_stats)
         return stats
 
     # --- resume -----------------------------------------------------------------------------
 
     def load_resume(self) -> None:
-        state_dict, document, optim_state = ckpt.load_checkpoint(self.run_dir, "last")
+        # rank 0 reads and every rank gets its copy: other nodes need no access to the run folder
+        state_dict, document, optim_state, note = self.checked_on_main(
+            lambda: ckpt.load_newest_whole(self.run_dir, "last"), broadcast=True)
+        if note and self.proc.is_main:
+            warn(note)
         try:
             self.model.load_state_dict(state_dict)
         except RuntimeError as e:
             raise VggOnnxError(f"{self.last_json}: weights do not fit this model ({str(e).splitlines()[0]})") from None
         self.optimizer.load_state_dict(optim_state)
-        saved = document["training"]["state"]
-        self.state = State(**{f.name: saved[f.name] for f in dataclasses.fields(State) if f.name in saved})
-        self.state.best_top1 = math.inf if self.state.best_top1 is None else self.state.best_top1
+        self.state = state_from_dict(document["training"]["state"], self.last_json)
         if self.state.stopped.startswith("reached --epochs"):  # a finished run may be extended with more --epochs
             self.state.stopped = ""
         self.set_lr(self.state.lr)
         if self.args.lr != document["training"]["args"].get("lr") and self.proc.is_main:
             warn(f"--lr {self.args.lr:g} ignored: a resumed run continues at its own learning rate {self.state.lr:g}")
+        if self.restart and self.proc.is_main:
+            steps = self.batches_per_epoch()
+            tqdm.write(f"vgg-onnx: torchrun restart {self.restart}: resuming {self.run_dir} from its checkpoint of "
+                       f"step {self.state.step} (epoch {self.state.epoch + 1}, step {self.state.step_in_epoch} of "
+                       f"{steps})", file=sys.stderr)
+
+    def batches_per_epoch(self) -> int:
+        return len(self.train_split) // self.args.batch_size
 
     def set_lr(self, lr: float) -> None:
         self.state.lr = lr
@@ -276,6 +377,7 @@ class Trainer:
                     "sample index or rank); nothing else is random, so no generator state is stored"},
             "args": dataclasses.asdict(self.args),
             "world_size": self.proc.world,
+            "elastic": elastic_identity(self.agents),  # lets a torchrun restart recognise its own run
             "init_note": self.init_note,
         }
         try:
@@ -299,12 +401,16 @@ class Trainer:
         args, state = self.args, self.state
         if self.proc.is_main and self.init_note:
             print(f"vgg-onnx: {self.init_note}", file=sys.stderr)
-        while not state.stopped:
-            if state.epoch >= args.epochs:
-                state.stopped = f"reached --epochs {args.epochs}"
-                break
-            self.train_epoch()
-            self.end_epoch()
+        try:
+            while not state.stopped:
+                if state.epoch >= args.epochs:
+                    state.stopped = f"reached --epochs {args.epochs}"
+                    break
+                self.train_epoch()
+                self.end_epoch()
+        except BaseException:
+            self.remove_new_run_dir()
+            raise
         if self.proc.is_main and args.plot:
             from .plot import plot_run
 
@@ -413,6 +519,7 @@ class Trainer:
                "val_seconds": round(time.perf_counter() - started, 3)}
         state.history.append(row)
         state.step_in_epoch, state.partial = 0, {}
+        self.warn_if_at_chance()
         improved = metrics["val_top1_err"] < state.best_top1
         if improved:
             state.best_top1, state.best_epoch, state.bad_epochs = metrics["val_top1_err"], state.epoch, 0
@@ -431,6 +538,20 @@ class Trainer:
         self.save("last")
         self.write_metrics()
         barrier()
+
+    def warn_if_at_chance(self) -> None:
+        """Say so, once per streak, when the training loss has stayed at chance level for several epochs."""
+        chance = math.log(len(self.classes))
+        streak = 0
+        for row in reversed(self.state.history):
+            if row["train_loss"] < CHANCE_FRACTION * chance:
+                break
+            streak += 1
+        if streak == CHANCE_EPOCHS and self.proc.is_main:
+            warn(f"the training loss has stayed at or above chance level (ln {len(self.classes)} = {chance:.3f}) for "
+                 f"{CHANCE_EPOCHS} epochs: the net is not learning. Try --init glorot (if you chose gaussian), a 10x "
+                 f"lower --lr, --init-from a trained net, or check that each class folder holds its class "
+                 f"(--limit-per-class N makes quick trials)")
 
     def update_lr(self) -> None:
         args, state = self.args, self.state

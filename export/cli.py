@@ -43,7 +43,6 @@ WEIGHT_FORMATS = ("auto", "torchvision", "caffe", "checkpoint")
 @click.option("--fp16", is_flag=True,
               help="Store weights and compute convs in fp16 (inputs and outputs stay fp32); half the file size, "
                    "verified against a looser bound.")
-@click.option("--no-simplify", is_flag=True, help="Skip the onnxsim pass.")
 @click.option("--init", type=click.Choice(["gaussian", "glorot"]), default="glorot", show_default=True,
               help="Random initialisation when no --weights: gaussian (std 0.01, the paper's) or glorot.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random initialisation.")
@@ -51,7 +50,7 @@ WEIGHT_FORMATS = ("auto", "torchvision", "caffe", "checkpoint")
               help="Output model; a JSON copy of its metadata is written beside it (FILE.json). "
                    "Both appear whole or not at all, after verification passes.")
 def export_command(config, weights, weights_format, normalization, num_classes, width_mult, crop, train_scale,
-                   opset, fp16, no_simplify, init, seed, out):
+                   opset, fp16, init, seed, out):
     """Compile a VGG net to one verified, dynamic-shape ONNX graph.
 
     Input 'image': float32 N x 3 x H x W, RGB 0..255 (H, W at least the crop size); the normalisation
@@ -77,7 +76,7 @@ def export_command(config, weights, weights_format, normalization, num_classes, 
 
     export_model(out, config=config, weights=weights, weights_format=weights_format, normalization=normalization,
                  num_classes=num_classes, width_mult=width_mult, crop=crop, train_scales=scales, opset=opset,
-                 fp16=fp16, simplify=not no_simplify, init=init, seed=seed, log=lambda m: click.echo(m, err=True))
+                 fp16=fp16, init=init, seed=seed, log=lambda m: click.echo(m, err=True))
 
 
 @click.command("inspect", context_settings={"max_content_width": 100})

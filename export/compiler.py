@@ -7,7 +7,8 @@ The graph is emitted directly with onnx.helper from the torch module's layers ra
 traced by torch.onnx.export: VGG is a plain chain, so this is short, needs no tracing (VGG-D
 compiles in about a second and one copy of the weights), folds batch norm into the convs,
 and gives A-LRN a single ONNX LRN node instead of torch's decomposed pooling arithmetic.
-DenseVGG is the torch twin of the emitted graph; verification compares the two.
+DenseVGG is the torch twin of the emitted graph; verification compares the two. The graph is
+emitted minimal, so no simplifier runs over it (docs/export.md).
 """
 
 from __future__ import annotations
@@ -18,17 +19,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from vgg_onnx.errors import VggOnnxError
 from vgg_onnx.metadata import INPUT_NAME, PROBS_NAME, SCORES_NAME, ModelInfo
 from vgg_onnx.preprocessing import Normalization
 from vgg_onnx.train.model import VGG
 
-__all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "DenseVGG", "attach_weights", "build_graph", "compile_model",
-           "linear_to_conv", "reference_outputs", "relative_error", "simplify", "to_onnx"]
+__all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "DenseVGG", "build_graph", "compile_model", "linear_to_conv",
+           "reference_outputs", "relative_error"]
 
 DEFAULT_OPSET = 17  # also parses in OpenCV 4.6's DNN importer
 MIN_OPSET, MAX_OPSET = 13, 21  # Softmax over one axis from 13; onnxruntime 1.31 loads up to 21 here
-LARGE_INITIALIZER = 4096  # elements; bigger tensors are kept out of onnxsim's way (see simplify)
 
 
 def linear_to_conv(linear: nn.Linear, in_channels: int, kernel: int) -> nn.Conv2d:
@@ -125,77 +124,90 @@ def _graph_layers(dense: DenseVGG):
             yield "relu", "relu" + name[2:], None
 
 
-def build_graph(dense: DenseVGG, info: ModelInfo, opset: int = DEFAULT_OPSET, fp16: bool = False,
-                with_weights: bool = True):
-    """The ONNX ModelProto of `dense`. Without weights, the large tensors are graph inputs instead
-    (for onnxsim); `attach_weights` puts them back. Returns (proto, {name: array} of those tensors)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+class _GraphBuilder:
+    """Nodes and initializers of one graph, appended in order along VGG's chain."""
+
+    def __init__(self, weight_dtype):
+        from onnx import numpy_helper
+
+        self.nodes, self.initializers, self.weight_dtype = [], [], weight_dtype
+        self._from_array = numpy_helper.from_array
+
+    def constant(self, name: str, array, dtype=None) -> str:
+        array = np.ascontiguousarray(array, dtype=dtype or self.weight_dtype)
+        self.initializers.append(self._from_array(array, name))
+        return name
+
+    def node(self, op: str, inputs: list[str], output: str, name: str, **attributes) -> str:
+        from onnx import helper
+
+        self.nodes.append(helper.make_node(op, inputs, [output], name=name, **attributes))
+        return output
+
+
+def _input_nodes(graph: _GraphBuilder, dense: DenseVGG, fp16: bool) -> str:
+    """Normalisation (and the cast to fp16) on the raw image; returns the tensor the convs read."""
+    from onnx import TensorProto
+
+    x = graph.node("Sub", [INPUT_NAME, graph.constant("mean", dense.mean.numpy(), np.float32)], "centred",
+                   "subtract_mean")
+    if dense.scale_std:
+        x = graph.node("Div", [x, graph.constant("std", dense.std.numpy(), np.float32)], "normalised", "divide_std")
+    if fp16:
+        x = graph.node("Cast", [x], "input_fp16", "to_fp16", to=TensorProto.FLOAT16)
+    return x
+
+
+def _layer_nodes(graph: _GraphBuilder, dense: DenseVGG, x: str, scores: str) -> None:
+    """The conv form's layers, fc8 writing `scores`."""
+    for kind, name, params in _graph_layers(dense):
+        out = scores if name == "fc8" else name
+        if kind == "conv":
+            weight, bias, pad = params
+            k = weight.shape[-1]
+            x = graph.node("Conv", [x, graph.constant(name + ".weight", weight), graph.constant(name + ".bias", bias)],
+                           out, name, kernel_shape=[k, k], pads=[pad] * 4, strides=[1, 1], dilations=[1, 1])
+        elif kind == "relu":
+            x = graph.node("Relu", [x], out, name)
+        elif kind == "pool":
+            x = graph.node("MaxPool", [x], out, name, kernel_shape=[2, 2], strides=[2, 2])
+        else:  # ONNX's LRN divides alpha by size, as torch and Caffe do
+            x = graph.node("LRN", [x], out, name, size=params.size, alpha=params.alpha, beta=params.beta,
+                           bias=params.k)
+
+
+def _output_nodes(graph: _GraphBuilder, fp16: bool) -> None:
+    """fp16 scores back to fp32; the posterior from the score map's spatial mean."""
+    from onnx import TensorProto
+
+    if fp16:
+        graph.node("Cast", ["scores_fp16"], SCORES_NAME, "scores_to_fp32", to=TensorProto.FLOAT)
+    # GlobalAveragePool + Flatten rather than ReduceMean: OpenCV 4.6's DNN importer reduces only
+    # the first spatial position of ReduceMean(axes=[2, 3]), so hosts built on it got wrong probs
+    graph.node("GlobalAveragePool", [SCORES_NAME], "mean_scores_4d", "spatial_mean")
+    graph.node("Flatten", ["mean_scores_4d"], "mean_scores", "flatten", axis=1)
+    graph.node("Softmax", ["mean_scores"], PROBS_NAME, "softmax", axis=1)
+
+
+def build_graph(dense: DenseVGG, info: ModelInfo, opset: int = DEFAULT_OPSET):
+    """The ONNX ModelProto of `dense` with its weights (fp16 when info.precision says so) and metadata."""
+    from onnx import TensorProto, helper
 
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"opset {opset} is outside {MIN_OPSET}..{MAX_OPSET}")
-    float_type = TensorProto.FLOAT16 if fp16 else TensorProto.FLOAT
-    weight_dtype = np.float16 if fp16 else np.float32
-    nodes, small, large = [], [], {}
-
-    def constant(name, array, dtype):
-        array = np.ascontiguousarray(array, dtype=dtype)
-        if array.size > LARGE_INITIALIZER:
-            large[name] = array
-        else:
-            small.append(numpy_helper.from_array(array, name))
-        return name
-
-    x = INPUT_NAME
-    nodes.append(helper.make_node("Sub", [x, constant("mean", dense.mean.numpy(), np.float32)], ["centred"],
-                                  name="subtract_mean"))
-    x = "centred"
-    if dense.scale_std:
-        nodes.append(helper.make_node("Div", [x, constant("std", dense.std.numpy(), np.float32)], ["normalised"],
-                                      name="divide_std"))
-        x = "normalised"
-    if fp16:
-        nodes.append(helper.make_node("Cast", [x], ["input_fp16"], name="to_fp16", to=float_type))
-        x = "input_fp16"
-    for kind, name, params in _graph_layers(dense):
-        out = name
-        if kind == "conv":
-            weight, bias, pad = params
-            inputs = [x, constant(name + ".weight", weight, weight_dtype), constant(name + ".bias", bias, weight_dtype)]
-            if name == "fc8" and fp16:
-                out = "scores_fp16"
-            elif name == "fc8":
-                out = SCORES_NAME
-            k = weight.shape[-1]
-            nodes.append(helper.make_node("Conv", inputs, [out], name=name, kernel_shape=[k, k], pads=[pad] * 4,
-                                          strides=[1, 1], dilations=[1, 1]))
-        elif kind == "relu":
-            nodes.append(helper.make_node("Relu", [x], [out], name=name))
-        elif kind == "pool":
-            nodes.append(helper.make_node("MaxPool", [x], [out], name=name, kernel_shape=[2, 2], strides=[2, 2]))
-        else:  # ONNX's LRN divides alpha by size, as torch and Caffe do
-            nodes.append(helper.make_node("LRN", [x], [out], name=name, size=params.size, alpha=params.alpha,
-                                          beta=params.beta, bias=params.k))
-        x = out
-    if fp16:
-        nodes.append(helper.make_node("Cast", [x], [SCORES_NAME], name="scores_to_fp32", to=TensorProto.FLOAT))
-    # GlobalAveragePool + Flatten rather than ReduceMean: OpenCV 4.6's DNN importer reduces only
-    # the first spatial position of ReduceMean(axes=[2, 3]), so hosts built on it got wrong probs
-    nodes.append(helper.make_node("GlobalAveragePool", [SCORES_NAME], ["mean_scores_4d"], name="spatial_mean"))
-    nodes.append(helper.make_node("Flatten", ["mean_scores_4d"], ["mean_scores"], name="flatten", axis=1))
-    nodes.append(helper.make_node("Softmax", ["mean_scores"], [PROBS_NAME], name="softmax", axis=1))
-
+    fp16 = info.precision == "fp16"
+    graph = _GraphBuilder(np.float16 if fp16 else np.float32)
+    _layer_nodes(graph, dense, _input_nodes(graph, dense, fp16), "scores_fp16" if fp16 else SCORES_NAME)
+    _output_nodes(graph, fp16)
     classes = info.num_classes
-    inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", 3, "H", "W"])]
-    if not with_weights:
-        inputs += [helper.make_tensor_value_info(n, float_type, list(a.shape)) for n, a in large.items()]
-    graph = helper.make_graph(
-        nodes, f"vgg_{info.config}", inputs,
+    onnx_graph = helper.make_graph(
+        graph.nodes, f"vgg_{info.config}",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", 3, "H", "W"])],
         [helper.make_tensor_value_info(SCORES_NAME, TensorProto.FLOAT, ["N", classes, "h", "w"]),
          helper.make_tensor_value_info(PROBS_NAME, TensorProto.FLOAT, ["N", classes])],
-        small)
+        graph.initializers)
     opset_id = helper.make_opsetid("", opset)
-    proto = helper.make_model(graph, opset_imports=[opset_id], producer_name="vgg-onnx",
+    proto = helper.make_model(onnx_graph, opset_imports=[opset_id], producer_name="vgg-onnx",
                               producer_version=info.version)
     # the lowest IR version that carries this opset: onnx 1.23 would write 14, which onnxruntime 1.31 refuses
     proto.ir_version = helper.find_min_ir_version_for([opset_id])
@@ -203,67 +215,19 @@ def build_graph(dense: DenseVGG, info: ModelInfo, opset: int = DEFAULT_OPSET, fp
                         f"float32 Nx3xHxW RGB 0..255; outputs '{SCORES_NAME}' (score map) and '{PROBS_NAME}'.")
     for key, value in info.to_metadata_props().items():
         proto.metadata_props.add(key=key, value=value)
-    if with_weights:
-        attach_weights(proto, large)
-        large = {}
-    else:
-        onnx.checker.check_model(proto)  # the structure; the weights are checked once attached
-    return proto, large
+    return proto
 
 
-def attach_weights(proto, tensors: dict[str, np.ndarray]) -> None:
-    """Turn the named graph inputs back into initializers holding `tensors` (consumed)."""
-    from onnx import helper
-
-    names = set(tensors)
-    kept = [i for i in proto.graph.input if i.name not in names]
-    del proto.graph.input[:]
-    proto.graph.input.extend(kept)
-    for name in list(tensors):
-        array = tensors.pop(name)
-        tensor = proto.graph.initializer.add()
-        tensor.name = name
-        tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
-        tensor.dims.extend(array.shape)
-        tensor.raw_data = array.tobytes()  # little-endian on every machine onnxruntime supports
-        del array
-
-
-def simplify(proto):
-    """onnxsim over the graph's structure. The large weights are graph inputs at this point, so
-    onnxsim neither copies nor re-serialises hundreds of MB; our own verification replaces its
-    random-input check (check_n=0)."""
-    import onnxsim
-
-    simplified, ok = onnxsim.simplify(proto, check_n=0)
-    if not ok:
-        raise VggOnnxError("onnxsim could not validate the simplified graph; export with --no-simplify")
-    return simplified
-
-
-def to_onnx(model: VGG, info: ModelInfo, opset: int = DEFAULT_OPSET, fp16: bool = False,
-            simplify: bool = True):
-    """Build the ONNX ModelProto (with metadata). Returns (proto, dense torch module in float32)."""
-    return compile_model(model, info, opset, fp16, simplify)
-
-
-def compile_model(model: VGG, info: ModelInfo, opset: int = DEFAULT_OPSET, fp16: bool = False,
-                  run_simplify: bool = True, check: bool = True):
-    """(proto, DenseVGG). check=False leaves onnx.checker to the caller (export checks the written
-    file instead, which spares a serialised copy of the weights in memory)."""
+def compile_model(model: VGG, info: ModelInfo, opset: int = DEFAULT_OPSET, check: bool = True):
+    """(proto, DenseVGG) of `model` described by `info` (neither is changed). check=False leaves
+    onnx.checker to the caller (export checks the written file instead, which spares a serialised
+    copy of the weights in memory)."""
     import onnx
 
-    model.eval()
-    info.precision = "fp16" if fp16 else "fp32"
-    dense = DenseVGG(model, info.normalization).eval()
-    proto, large = build_graph(dense, info, opset, fp16, with_weights=not run_simplify)
-    if not run_simplify and check:
+    dense = DenseVGG(model.eval(), info.normalization).eval()
+    proto = build_graph(dense, info, opset)
+    if check:
         onnx.checker.check_model(proto)
-    if run_simplify:
-        proto = simplify(proto)
-        attach_weights(proto, large)
-        if check:
-            onnx.checker.check_model(proto)
     return proto, dense
 
 

@@ -209,7 +209,7 @@ def _writable(path: str, inputs: list[str | None]) -> None:
 def export_model(out: str, config: str | None = None, weights: str | None = None, weights_format: str = "auto",
                  normalization: str | None = None, num_classes: int | None = None, width_mult: float | None = None,
                  crop: int | None = None, train_scales: list[int] | None = None, opset: int = 17,
-                 fp16: bool = False, simplify: bool = True, init: str = "glorot", seed: int = 0,
+                 fp16: bool = False, init: str = "glorot", seed: int = 0,
                  log=_stderr) -> ExportResult:
     """Compile a VGG net to `out` (.onnx) and its JSON sidecar, verified; see `vgg-onnx export --help`."""
     start = time.perf_counter()
@@ -244,9 +244,9 @@ def export_model(out: str, config: str | None = None, weights: str | None = None
     info.weights_source, info.weights_sha256 = source, sha256
 
     # --- compile, write, check, verify, rename
-    log(f"vgg-onnx export: compiling (opset {opset}, {'fp16 weights' if fp16 else 'fp32'}"
-        f"{', onnxsim' if simplify else ''})")
-    proto, dense = compile_model(model, info, opset, fp16, simplify, check=False)
+    info.precision = "fp16" if fp16 else "fp32"
+    log(f"vgg-onnx export: compiling (opset {opset}, {'fp16 weights' if fp16 else 'fp32'})")
+    proto, dense = compile_model(model, info, opset, check=False)
     ir_version = proto.ir_version
     log(f"vgg-onnx export: compiled [{time.perf_counter() - start:.1f} s]; running the torch references")
     references = torch_references(model, dense, info)

@@ -21,7 +21,7 @@ def export_small_model(path: Path, config: str = "A", num_classes: int = 10, wid
 
     from vgg_onnx.atomic import atomic_write_bytes
     from vgg_onnx.classes import default_classes
-    from vgg_onnx.export.compiler import to_onnx
+    from vgg_onnx.export.compiler import compile_model
     from vgg_onnx.metadata import ModelInfo
     from vgg_onnx.preprocessing import normalization as norm
     from vgg_onnx.train.model import VGG, count_parameters, init_weights
@@ -31,7 +31,7 @@ def export_small_model(path: Path, config: str = "A", num_classes: int = 10, wid
     info = ModelInfo(config, default_classes(num_classes), norm(normalization), crop_size=crop,
                      width_mult=width_mult, train_scales=list(train_scales),
                      param_count=count_parameters(model))
-    proto, _ = to_onnx(model, info)
+    proto, _ = compile_model(model, info)
     atomic_write_bytes(path, proto.SerializeToString())
     return path
 

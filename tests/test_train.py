@@ -84,7 +84,7 @@ def test_checkpoint_export_runtime_round_trip(trained, shapes):
     import onnxruntime as ort
     import torch
 
-    from vgg_onnx.export.compiler import relative_error, to_onnx
+    from vgg_onnx.export.compiler import compile_model, relative_error
     from vgg_onnx.metadata import ModelInfo
     from vgg_onnx.preprocessing import load_image, rescale
     from vgg_onnx.train.augment import centre_crop
@@ -94,7 +94,7 @@ def test_checkpoint_export_runtime_round_trip(trained, shapes):
     info = ModelInfo.from_json_dict(json.loads((trained / "best.json").read_text()))
     model = VGG(info.config, info.num_classes, info.width_mult, info.crop_size, dropout=0.5).eval()
     model.load_state_dict(load_weights(trained / "best.safetensors"))
-    proto, _ = to_onnx(model, info)
+    proto, _ = compile_model(model, info)
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     props = dict(proto.metadata_props.items()) if hasattr(proto.metadata_props, "items") else {
         p.key: p.value for p in proto.metadata_props}

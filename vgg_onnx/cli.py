@@ -30,10 +30,10 @@ COMMANDS = {
 # (pyproject.toml's optional-dependencies); checked before the command runs
 COMMAND_EXTRAS = {"export": "export", "inspect": "runtime", "infer": "runtime", "eval": "runtime",
                   "bench": "runtime", "train": "train", "stats": "train", "plot": "train"}
-EXTRA_PACKAGES = {"runtime": ("onnxruntime",), "export": ("torch", "onnx", "onnxsim", "safetensors", "onnxruntime"),
+EXTRA_PACKAGES = {"runtime": ("onnxruntime",), "export": ("torch", "onnx", "safetensors", "onnxruntime"),
                   "train": ("torch", "safetensors", "matplotlib")}
 # a ModuleNotFoundError of any other module is a bug, and keeps its traceback
-PACKAGE_EXTRAS = {"torch": None, "safetensors": None, "onnx": "export", "onnxsim": "export",
+PACKAGE_EXTRAS = {"torch": None, "safetensors": None, "onnx": "export",
                   "matplotlib": "train", "onnxruntime": "runtime"}
 
 

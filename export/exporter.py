@@ -1,7 +1,8 @@
 """`export_model`: weights (or a random init) -> a verified .onnx and its JSON sidecar.
 
-Order of work: every cheap check first (options, output path), then the weights, then the
-graph, written to a temporary file beside the output; that file is checked by onnx.checker,
+Order of work: every cheap check first (options, output path), then the weights, then a plan
+(`plan_export`: what to build, from which weights, with which normalisation and metadata), then
+the net and its graph, written to a temporary file beside the output; that file is checked by onnx.checker,
 loaded by ONNX Runtime and verified against torch before it is renamed into place.
 """
 
@@ -17,15 +18,15 @@ import torch
 
 from vgg_onnx.atomic import atomic_paths, check_writable
 from vgg_onnx.classes import default_classes
-from vgg_onnx.configs import DEFAULT_CROP, IMAGENET_CLASSES, check_crop, parse_config
+from vgg_onnx.configs import DEFAULT_CROP, IMAGENET_CLASSES, Config, check_crop, parse_config
 from vgg_onnx.errors import UsageError, VggOnnxError
-from vgg_onnx.export.compiler import MAX_OPSET, MIN_OPSET, DenseVGG, compile_model, reference_outputs, relative_error
+from vgg_onnx.export.compiler import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, DenseVGG, compile_model, reference_outputs, relative_error
 from vgg_onnx.metadata import INPUT_NAME, ModelInfo, sidecar_path
 from vgg_onnx.preprocessing import check_scales, normalization as preset_normalization
 from vgg_onnx.train.model import VGG, count_parameters, init_weights
 
-__all__ = ["Check", "ExportResult", "check_graph_size", "compare", "export_model", "torch_references",
-           "verification_sizes", "verify"]
+__all__ = ["Check", "ExportPlan", "ExportRequest", "ExportResult", "WeightsFacts", "check_graph_size", "compare",
+           "export_model", "parameter_count", "plan_export", "torch_references", "verification_sizes"]
 
 FP32_BOUND = 1e-4  # maximum relative error against torch: fp32 rounding differences stay far below it
 FP16_BOUND = 1e-2  # fp16 weights carry ~3 significant digits; measured errors are ~1e-3
@@ -99,44 +100,88 @@ def compare(session, references: list[tuple], bound: float, log=_stderr) -> list
     return checks
 
 
-def verify(session, model: VGG, dense: DenseVGG, info: ModelInfo, bound: float, log=_stderr) -> list[Check]:
-    return compare(session, torch_references(model, dense, info), bound, log)
+def parameter_count(cfg, num_classes: int, width_mult: float, crop: int) -> int:
+    """Weights and biases of a net, counted without allocating them."""
+    with torch.device("meta"):
+        return count_parameters(VGG(cfg, num_classes, width_mult, crop))
 
 
-def check_graph_size(cfg, num_classes: int, width_mult: float, crop: int, fp16: bool) -> None:
+def check_graph_size(cfg, num_classes: int, width_mult: float, crop: int, fp16: bool) -> int:
     """Refuse, before allocating anything, a net whose weights cannot fit in one ONNX file: the file
     is one protobuf message, and protobuf refuses messages of 2 GiB or more (16 MiB are kept for
-    the graph and metadata). Large --classes or --crop values reach it (fc8 and fc6 grow with them)."""
-    with torch.device("meta"):
-        params = count_parameters(VGG(cfg, num_classes, width_mult, crop))
+    the graph and metadata). Large --classes or --crop values reach it (fc8 and fc6 grow with them).
+    Returns the parameter count."""
+    params = parameter_count(cfg, num_classes, width_mult, crop)
     weight_bytes = params * (2 if fp16 else 4)
     if weight_bytes > MAX_GRAPH_BYTES:
         raise UsageError(f"VGG-{cfg.name} with {num_classes} classes, width {width_mult:g}, crop {crop} has "
                          f"{params:,} parameters ({weight_bytes / 2**30:.1f} GiB); one ONNX file holds at most "
                          f"{MAX_GRAPH_BYTES / 2**30:.2f} GiB of weights")
+    return params
 
 
-def _check_options(opset: int, crop: int | None, init: str, normalization: str | None, width_mult: float | None,
-                   num_classes: int | None, train_scales: list[int] | None) -> None:
+@dataclass(frozen=True)
+class ExportRequest:
+    """What the user asked for; None: decided from the weights, else the defaults."""
+    out: str
+    config: str | None = None
+    weights: str | None = None
+    weights_format: str = "auto"
+    normalization: str | None = None
+    num_classes: int | None = None
+    width_mult: float | None = None
+    crop: int | None = None
+    train_scales: list[int] | None = None
+    opset: int = DEFAULT_OPSET
+    fp16: bool = False
+    init: str = "glorot"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class WeightsFacts:
+    """What a weights file says of itself: its kind, identity, checkpoint JSON and the sizes its tensors imply."""
+    kind: str  # torchvision | caffe | checkpoint | random
+    source: str = ""
+    sha256: str = ""
+    checkpoint: ModelInfo | None = None
+    found: dict = field(default_factory=dict)  # num_classes, width_mult, crop_size read from shapes
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """What an export builds: which net (cfg and info's sizes), from which weights, with which
+    normalisation and metadata (info), written where, at which opset."""
+    request: ExportRequest
+    cfg: Config
+    info: ModelInfo
+    kind: str
+
+    @property
+    def fp16(self) -> bool:
+        return self.info.precision == "fp16"
+
+
+def _check_request(request: ExportRequest) -> None:
     """The option values that are wrong in themselves, found before any slow work."""
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise UsageError(f"opset {opset} is not supported: choose {MIN_OPSET}..{MAX_OPSET}")
-    if crop is not None:
-        check_crop(crop)
-    if init not in ("gaussian", "glorot"):
-        raise UsageError(f"unknown init {init!r}; valid: gaussian, glorot")
-    if normalization is not None:
-        preset_normalization(normalization)
-    if width_mult is not None and not 0 < width_mult <= 1:
-        raise UsageError(f"width multiplier {width_mult} must be in (0, 1]")
-    if num_classes is not None and num_classes < 1:
-        raise UsageError(f"--classes {num_classes} must be at least 1")
-    if train_scales is not None and (len(train_scales) not in (1, 2)
-                                     or (len(train_scales) == 2 and train_scales[0] >= train_scales[1])):
-        raise UsageError(f"--train-scale {','.join(map(str, train_scales))}: give S or Smin,Smax with Smin < Smax")
+    if not MIN_OPSET <= request.opset <= MAX_OPSET:
+        raise UsageError(f"opset {request.opset} is not supported: choose {MIN_OPSET}..{MAX_OPSET}")
+    if request.crop is not None:
+        check_crop(request.crop)
+    if request.init not in ("gaussian", "glorot"):
+        raise UsageError(f"unknown init {request.init!r}; valid: gaussian, glorot")
+    if request.normalization is not None:
+        preset_normalization(request.normalization)
+    if request.width_mult is not None and not 0 < request.width_mult <= 1:
+        raise UsageError(f"width multiplier {request.width_mult} must be in (0, 1]")
+    if request.num_classes is not None and request.num_classes < 1:
+        raise UsageError(f"--classes {request.num_classes} must be at least 1")
+    scales = request.train_scales
+    if scales is not None and (len(scales) not in (1, 2) or (len(scales) == 2 and scales[0] >= scales[1])):
+        raise UsageError(f"--train-scale {','.join(map(str, scales))}: give S or Smin,Smax with Smin < Smax")
 
 
-def _resolve_config(config: str | None, weights: str | None, weights_format: str):
+def _resolve_config(config: str | None, weights: str | None, weights_format: str) -> Config:
     """The config to build: --config, or the one a checkpoint's JSON names (they must agree)."""
     from vgg_onnx.train import weights as weights_io
 
@@ -152,52 +197,83 @@ def _resolve_config(config: str | None, weights: str | None, weights_format: str
     return parse_config(config)
 
 
-def _describe(cfg, model: VGG, kind: str, ckpt: ModelInfo | None, normalization: str | None, num_classes: int,
-              width_mult: float, crop: int, train_scales: list[int] | None, log=_stderr) -> ModelInfo:
-    """The model's metadata: the normalisation and scales asked for, else the checkpoint's, else the
-    defaults for the kind of weights (Caffe's BGR mean, torchvision's mean/std, the paper's mean)."""
-    if normalization is None:
-        norm = ckpt.normalization if ckpt else preset_normalization({"caffe": "caffe", "torchvision": "torchvision"}
-                                                                    .get(kind, "paper"))
-    elif normalization == "paper" and ckpt and ckpt.normalization.preset == "paper":
-        norm = ckpt.normalization  # the checkpoint's own training-set mean
-    else:
-        norm = preset_normalization(normalization)
-    if kind == "caffe" and norm.channel_order != "BGR":
-        log(f"vgg-onnx export: warning: Caffe weights read BGR, but normalization {norm.preset!r} feeds RGB")
-    if train_scales is None:
-        train_scales = list(ckpt.train_scales) if ckpt else [max(256, crop)]
+def _choose_normalization(asked: str | None, checkpoint: ModelInfo | None, kind: str):
+    """The normalisation asked for, else the checkpoint's, else the one the kind of weights expects
+    (Caffe's BGR mean, torchvision's mean/std, the paper's mean); `paper` keeps a checkpoint's own mean."""
+    if asked is None:
+        if checkpoint:
+            return checkpoint.normalization
+        return preset_normalization({"caffe": "caffe", "torchvision": "torchvision"}.get(kind, "paper"))
+    if asked == "paper" and checkpoint and checkpoint.normalization.preset == "paper":
+        return checkpoint.normalization  # the checkpoint's own training-set mean
+    return preset_normalization(asked)
+
+
+def _choose(asked, checkpoint_value, found, default):
+    """A size: asked for, else the checkpoint's, else read from the weights, else the default."""
+    return asked or checkpoint_value or found or default
+
+
+def plan_export(request: ExportRequest, cfg: Config, facts: WeightsFacts) -> ExportPlan:
+    """Decide everything the export builds from the request and what the weights say (pure but for
+    a meta-device parameter count); raises UsageError for a net that cannot be written."""
+    ckpt = facts.checkpoint
+    num_classes = _choose(request.num_classes, ckpt and ckpt.num_classes, facts.found.get("num_classes"),
+                          IMAGENET_CLASSES)
+    width_mult = _choose(request.width_mult, ckpt and ckpt.width_mult, facts.found.get("width_mult"), 1.0)
+    crop = _choose(request.crop, ckpt and ckpt.crop_size, facts.found.get("crop_size"), DEFAULT_CROP)
+    check_crop(crop)
+    params = check_graph_size(cfg, num_classes, width_mult, crop, request.fp16)
+    train_scales = request.train_scales or (list(ckpt.train_scales) if ckpt else [max(256, crop)])
     check_scales(train_scales, crop)
     classes = ckpt.classes if ckpt and ckpt.num_classes == num_classes else default_classes(num_classes)
-    info = ModelInfo(cfg.name, classes, norm, crop_size=crop, width_mult=width_mult, train_scales=list(train_scales),
-                     param_count=count_parameters(model))
-    log(f"vgg-onnx export: normalization {norm.preset} ({norm.channel_order}, mean {', '.join(f'{m:g}' for m in norm.mean_rgb)}"
-        f"{', std ' + ', '.join(f'{s:g}' for s in norm.std_rgb) if any(s != 1 for s in norm.std_rgb) else ''}); "
-        f"train scales {train_scales}, test scales {info.test_scales}; {info.param_count:,} parameters")
-    return info
+    info = ModelInfo(cfg.name, classes, _choose_normalization(request.normalization, ckpt, facts.kind),
+                     crop_size=crop, width_mult=width_mult, train_scales=list(train_scales), param_count=params,
+                     weights_source=facts.source, weights_sha256=facts.sha256,
+                     precision="fp16" if request.fp16 else "fp32")
+    return ExportPlan(request, cfg, info, facts.kind)
 
 
-def _model_from_weights(weights: str, weights_format: str, cfg, num_classes: int | None, width_mult: float | None,
-                        crop: int | None, fp16: bool, log=_stderr) -> tuple:
-    """(model, checkpoint info or None, (source, sha256, kind), (classes, width, crop)) from a weights
-    file; the sizes not given are the checkpoint's, else read from the weights, else the defaults."""
+def _log_plan(plan: ExportPlan, log) -> None:
+    info, norm = plan.info, plan.info.normalization
+    if plan.kind == "random":
+        log(f"vgg-onnx export: no --weights given: RANDOM weights ({plan.request.init} initialisation, seed "
+            f"{plan.request.seed}); the model's predictions are meaningless")
+    else:
+        log(f"vgg-onnx export: {plan.kind} weights for VGG-{plan.cfg.name}: {info.num_classes} classes, width "
+            f"{info.width_mult:g}, crop {info.crop_size}, sha256 {info.weights_sha256[:12]}…")
+    if plan.kind == "caffe" and norm.channel_order != "BGR":
+        log(f"vgg-onnx export: warning: Caffe weights read BGR, but normalization {norm.preset!r} feeds RGB")
+    std = f", std {', '.join(f'{s:g}' for s in norm.std_rgb)}" if any(s != 1 for s in norm.std_rgb) else ""
+    log(f"vgg-onnx export: normalization {norm.preset} ({norm.channel_order}, mean "
+        f"{', '.join(f'{m:g}' for m in norm.mean_rgb)}{std}); train scales {info.train_scales}, test scales "
+        f"{info.test_scales}; {info.param_count:,} parameters")
+
+
+def _read_weights(request: ExportRequest, cfg, log):
+    """(what the weights file says, the loaded weights); random weights when there is no file."""
     from vgg_onnx.train import weights as weights_io
 
-    log(f"vgg-onnx export: reading weights {weights}")
-    loaded = weights_io.load_weights(weights, cfg, weights_format)
-    found = weights_io.infer_dimensions(loaded.state_dict, cfg)
-    ckpt = loaded.info
-    num_classes = num_classes or (ckpt.num_classes if ckpt else None) or found.get("num_classes", IMAGENET_CLASSES)
-    width_mult = width_mult or (ckpt.width_mult if ckpt else None) or found.get("width_mult", 1.0)
-    crop = crop or (ckpt.crop_size if ckpt else None) or found.get("crop_size", DEFAULT_CROP)
-    check_crop(crop)
-    check_graph_size(cfg, num_classes, width_mult, crop, fp16)
-    model = weights_io.build_model(weights, loaded.state_dict, cfg, num_classes, width_mult, crop, loaded.names)
-    source, sha256, kind = loaded.source, loaded.sha256, loaded.format
-    del loaded
-    log(f"vgg-onnx export: {kind} weights for VGG-{cfg.name}: {num_classes} classes, width {width_mult:g}, "
-        f"crop {crop}, sha256 {sha256[:12]}…")
-    return model, ckpt, (source, sha256, kind), (num_classes, width_mult, crop)
+    if request.weights is None:
+        return WeightsFacts("random"), None
+    log(f"vgg-onnx export: reading weights {request.weights}")
+    loaded = weights_io.load_weights(request.weights, cfg, request.weights_format)
+    facts = WeightsFacts(loaded.format, loaded.source, loaded.sha256, loaded.info,
+                         weights_io.infer_dimensions(loaded.state_dict, cfg))
+    return facts, loaded
+
+
+def _build_model(plan: ExportPlan, loaded) -> VGG:
+    """The torch net of the plan, holding the loaded weights (consumed) or a seeded random init."""
+    from vgg_onnx.train import weights as weights_io
+
+    info = plan.info
+    if loaded is None:
+        generator = torch.Generator().manual_seed(plan.request.seed)
+        net = VGG(plan.cfg, info.num_classes, info.width_mult, info.crop_size)
+        return init_weights(net, plan.request.init, generator).eval()
+    return weights_io.build_model(plan.request.weights, loaded.state_dict, plan.cfg, info.num_classes,
+                                  info.width_mult, info.crop_size, loaded.names)
 
 
 def _writable(path: str, inputs: list[str | None]) -> None:
@@ -206,59 +282,52 @@ def _writable(path: str, inputs: list[str | None]) -> None:
         raise UsageError(f"{path}: cannot write there (the file exists and is read-only)")
 
 
-def export_model(out: str, config: str | None = None, weights: str | None = None, weights_format: str = "auto",
-                 normalization: str | None = None, num_classes: int | None = None, width_mult: float | None = None,
-                 crop: int | None = None, train_scales: list[int] | None = None, opset: int = 17,
-                 fp16: bool = False, init: str = "glorot", seed: int = 0,
-                 log=_stderr) -> ExportResult:
-    """Compile a VGG net to `out` (.onnx) and its JSON sidecar, verified; see `vgg-onnx export --help`."""
-    start = time.perf_counter()
-    out = os.fspath(out)
-    _check_options(opset, crop, init, normalization, width_mult, num_classes, train_scales)  # before slow work
-    sidecar = sidecar_path(out)
-
+def _check_outputs(request: ExportRequest) -> None:
+    """Neither output may replace what the export reads: the weights, or a checkpoint's JSON."""
     from vgg_onnx.train import weights as weights_io
 
-    # neither output may replace what the export reads: the weights, or a checkpoint's JSON
+    weights = request.weights
     inputs = [weights, weights_io.checkpoint_json(weights)] if weights is not None else []
-    _writable(out, inputs)
-    _writable(sidecar, inputs)
+    _writable(request.out, inputs)
+    _writable(sidecar_path(request.out), inputs)
 
+
+def export_model(out: str, config: str | None = None, weights: str | None = None, weights_format: str = "auto",
+                 normalization: str | None = None, num_classes: int | None = None, width_mult: float | None = None,
+                 crop: int | None = None, train_scales: list[int] | None = None, opset: int = DEFAULT_OPSET,
+                 fp16: bool = False, init: str = "glorot", seed: int = 0, log=_stderr) -> ExportResult:
+    """Compile a VGG net to `out` (.onnx) and its JSON sidecar, verified; see `vgg-onnx export --help`."""
+    start = time.perf_counter()
+    request = ExportRequest(os.fspath(out), config, weights, weights_format, normalization, num_classes,
+                            width_mult, crop, train_scales, opset, fp16, init, seed)
+    _check_request(request)  # the cheap checks before any slow work
+    _check_outputs(request)
     cfg = _resolve_config(config, weights, weights_format)
+    facts, loaded = _read_weights(request, cfg, log)
+    plan = plan_export(request, cfg, facts)
+    _log_plan(plan, log)
+    model = _build_model(plan, loaded)
+    del loaded
+    return _compile_and_write(plan, model, start, log)
 
-    # --- the model
-    if weights is not None:
-        model, ckpt, (source, sha256, kind), (num_classes, width_mult, crop) = _model_from_weights(
-            weights, weights_format, cfg, num_classes, width_mult, crop, fp16, log)
-    else:
-        num_classes, width_mult, crop = num_classes or IMAGENET_CLASSES, width_mult or 1.0, crop or DEFAULT_CROP
-        log(f"vgg-onnx export: no --weights given: RANDOM weights ({init} initialisation, seed {seed}); "
-            "the model's predictions are meaningless")
-        check_graph_size(cfg, num_classes, width_mult, crop, fp16)  # before allocating the weights
-        generator = torch.Generator().manual_seed(seed)
-        model = init_weights(VGG(cfg, num_classes, width_mult, crop), init, generator).eval()
-        source, sha256, kind, ckpt = "", "", "random", None
 
-    # --- its description
-    info = _describe(cfg, model, kind, ckpt, normalization, num_classes, width_mult, crop, train_scales, log)
-    info.weights_source, info.weights_sha256 = source, sha256
-
-    # --- compile, write, check, verify, rename
-    info.precision = "fp16" if fp16 else "fp32"
-    log(f"vgg-onnx export: compiling (opset {opset}, {'fp16 weights' if fp16 else 'fp32'})")
-    proto, dense = compile_model(model, info, opset, check=False)
+def _compile_and_write(plan: ExportPlan, model: VGG, start: float, log) -> ExportResult:
+    """Compile the plan's net, run the torch references, then write and verify (see _write_verified)."""
+    opset = plan.request.opset
+    log(f"vgg-onnx export: compiling (opset {opset}, {'fp16 weights' if plan.fp16 else 'fp32'})")
+    proto, dense = compile_model(model, plan.info, opset, check=False)
     ir_version = proto.ir_version
     log(f"vgg-onnx export: compiled [{time.perf_counter() - start:.1f} s]; running the torch references")
-    references = torch_references(model, dense, info)
+    references = torch_references(model, dense, plan.info)
     del model, dense  # the graph holds the weights now; keeping one copy in memory, not two
-    bound = FP16_BOUND if fp16 else FP32_BOUND
-    result = ExportResult(out, sidecar, info, bound=bound)
+    out = plan.request.out
+    result = ExportResult(out, sidecar_path(out), plan.info, bound=FP16_BOUND if plan.fp16 else FP32_BOUND)
     graph = [proto]  # handed over in a list so that the only reference goes with it (one copy in memory)
     del proto
     result.checks = _write_verified(result, graph, references, ir_version, opset, start, log)
     result.seconds = time.perf_counter() - start
-    log(f"vgg-onnx export: verified (max relative error {result.max_error:.2e} <= {bound:.0e}); wrote {out} "
-        f"({os.path.getsize(out) / 2**20:.1f} MiB) and {sidecar} in {result.seconds:.1f} s")
+    log(f"vgg-onnx export: verified (max relative error {result.max_error:.2e} <= {result.bound:.0e}); wrote {out} "
+        f"({os.path.getsize(out) / 2**20:.1f} MiB) and {result.sidecar} in {result.seconds:.1f} s")
     return result
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vgg_onnx.configs import FC_STATE_KEYS, LRN_PARAMS, ConvSpec, LrnSpec, PoolSpec, fc_layers
 from vgg_onnx.metadata import INPUT_NAME, PROBS_NAME, SCORES_NAME, ModelInfo
 from vgg_onnx.preprocessing import Normalization
 from vgg_onnx.train.model import VGG
@@ -50,6 +51,7 @@ class DenseVGG(nn.Module):
 
     def __init__(self, model: VGG, norm: Normalization):
         super().__init__()
+        self.config, self.crop_size, self.num_classes = model.config, model.crop_size, model.num_classes
         self.features = copy.deepcopy(model.features).eval()
         self.features.requires_grad_(False)
         if norm.channel_order == "BGR":
@@ -93,35 +95,28 @@ def _fold_batch_norm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[np.ndarray, n
     return weight.float().numpy(), bias.float().numpy()
 
 
+def _conv_arrays(dense: DenseVGG, spec: ConvSpec) -> tuple[np.ndarray, np.ndarray]:
+    """The weight and bias of one conv of the conv form, batch norm folded in."""
+    conv = getattr(dense, spec.name) if spec.name in FC_STATE_KEYS else dense.get_submodule(spec.state_key)
+    if spec.batch_norm_key is not None:
+        return _fold_batch_norm(conv, dense.get_submodule(spec.batch_norm_key))
+    return conv.weight.detach().numpy(), conv.bias.detach().numpy()
+
+
 def _graph_layers(dense: DenseVGG):
-    """(kind, name, params) for each layer of the conv form, with Caffe-style names."""
-    modules = list(dense.features)
-    block, pos, i = 1, 0, 0
-    while i < len(modules):
-        m = modules[i]
-        if isinstance(m, nn.Conv2d):
-            pos += 1
-            name = f"conv{block}_{pos}"
-            if i + 1 < len(modules) and isinstance(modules[i + 1], nn.BatchNorm2d):
-                weight, bias = _fold_batch_norm(m, modules[i + 1])
-                i += 1
-            else:
-                weight, bias = m.weight.detach().numpy(), m.bias.detach().numpy()
-            yield "conv", name, (weight, bias, m.padding[0])
-        elif isinstance(m, nn.ReLU):
-            yield "relu", f"relu{block}_{pos}", None
-        elif isinstance(m, nn.MaxPool2d):
-            yield "pool", f"pool{block}", None
-            block, pos = block + 1, 0
-        elif isinstance(m, nn.LocalResponseNorm):
-            yield "lrn", f"norm{block}", m
+    """(kind, name, params) of each layer of the conv form, from the config's layer specs (which
+    carry the Caffe-style names and the torch modules' state keys)."""
+    layers = dense.config.feature_layers() + fc_layers(dense.crop_size, dense.num_classes)
+    for spec in layers:
+        if isinstance(spec, PoolSpec):
+            yield "pool", spec.name, None
+        elif isinstance(spec, LrnSpec):
+            yield "lrn", spec.name, LRN_PARAMS
         else:
-            raise TypeError(f"cannot compile layer {type(m).__name__}")
-        i += 1
-    for name, conv in (("fc6", dense.fc6), ("fc7", dense.fc7), ("fc8", dense.fc8)):
-        yield "conv", name, (conv.weight.detach().numpy(), conv.bias.detach().numpy(), 0)
-        if name != "fc8":
-            yield "relu", "relu" + name[2:], None
+            weight, bias = _conv_arrays(dense, spec)
+            yield "conv", spec.name, (weight, bias, spec.padding)
+            if spec.name != "fc8":
+                yield "relu", "relu" + spec.name.removeprefix("conv").removeprefix("fc"), None  # relu1_1, relu6
 
 
 class _GraphBuilder:
@@ -172,8 +167,8 @@ def _layer_nodes(graph: _GraphBuilder, dense: DenseVGG, x: str, scores: str) -> 
         elif kind == "pool":
             x = graph.node("MaxPool", [x], out, name, kernel_shape=[2, 2], strides=[2, 2])
         else:  # ONNX's LRN divides alpha by size, as torch and Caffe do
-            x = graph.node("LRN", [x], out, name, size=params.size, alpha=params.alpha, beta=params.beta,
-                           bias=params.k)
+            x = graph.node("LRN", [x], out, name, size=params["size"], alpha=params["alpha"], beta=params["beta"],
+                           bias=params["k"])
 
 
 def _output_nodes(graph: _GraphBuilder, fp16: bool) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vgg_onnx.configs import check_crop, config_depth, config_names, parse_config
+from vgg_onnx.configs import check_crop, config_depth, config_names, fc_layers, parse_config
 from vgg_onnx.errors import UsageError
 from vgg_onnx.train.model import VGG, count_parameters
 
@@ -28,16 +28,19 @@ def test_parameter_counts_match_the_paper(config):
 
 @pytest.mark.parametrize("config", ["A", "B", "C", "D", "E"])
 def test_batch_norm_variant_adds_scale_and_shift_per_channel(config):
-    channels = sum(c for _, c, _ in parse_config(config).conv_layers())
+    channels = sum(c.out_channels for c in parse_config(config).conv_layers())
     assert count_parameters(meta_model(config + "-BN")) == EXACT_COUNTS[config] + 2 * channels
 
 
 def test_caffe_layer_names_follow_blocks():
-    assert [n for n, _, _ in parse_config("D").conv_layers()][-3:] == ["conv5_1", "conv5_2", "conv5_3"]
-    assert [n for n, _, _ in parse_config("E").conv_layers()][-1] == "conv5_4"
-    c_layers = parse_config("C").conv_layers()
-    assert ("conv3_3", 256, 1) in c_layers and ("conv5_3", 512, 1) in c_layers
+    assert [c.name for c in parse_config("D").conv_layers()][-3:] == ["conv5_1", "conv5_2", "conv5_3"]
+    assert [c.name for c in parse_config("E").conv_layers()][-1] == "conv5_4"
+    c_layers = [(c.name, c.out_channels, c.kernel, c.padding) for c in parse_config("C").conv_layers()]
+    assert ("conv3_3", 256, 1, 0) in c_layers and ("conv5_3", 512, 1, 0) in c_layers
     assert len(parse_config("A-LRN").conv_layers()) == 8
+    assert [layer.name for layer in parse_config("A-LRN").feature_layers()][:4] == ["conv1_1", "norm1", "pool1",
+                                                                                     "conv2_1"]
+    assert [fc.kernel for fc in fc_layers(224, 1000)] == [7, 1, 1] and fc_layers(64, 10)[2].out_channels == 10
 
 
 def test_config_c_one_by_one_convs_have_no_padding():

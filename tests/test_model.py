@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vgg_onnx.export.compiler import DenseVGG, reference_outputs, relative_error
-from vgg_onnx.export.flops import score_map_size
+from vgg_onnx.configs import fc_layers, score_map_size
 from vgg_onnx.preprocessing import normalization
 from vgg_onnx.train.model import VGG, init_weights
 
@@ -79,10 +79,14 @@ def test_initialisers():
 
 @pytest.mark.parametrize("config", ["A", "A-LRN", "C", "E", "D-BN"])
 def test_config_state_keys_name_the_models_convs(config):
-    """The table's (Caffe name -> features.<i>) map, used by weight import and --init-from,
-    points at exactly the model's conv layers, in order."""
+    """The layer specs' state keys (Caffe name -> features.<i>, fc6-8 -> classifier.<i>), used by weight
+    import, --init-from and the compiler, point at exactly the model's conv, batch-norm and FC layers."""
     model = VGG(config, 10, 0.125, 64)
     convs = [f"features.{i}" for i, m in enumerate(model.features) if isinstance(m, torch.nn.Conv2d)]
-    keys = model.config.conv_state_keys()
-    assert [prefix for _, prefix in keys] == convs
-    assert keys[0][0] == "conv1_1" and keys[-1][0] == model.config.conv_layers()[-1][0]
+    norms = [f"features.{i}" for i, m in enumerate(model.features) if isinstance(m, torch.nn.BatchNorm2d)]
+    specs = model.config.conv_layers()
+    assert [c.state_key for c in specs] == convs
+    assert [c.batch_norm_key for c in specs if c.batch_norm_key] == norms
+    assert specs[0].name == "conv1_1"
+    linears = [f"classifier.{i}" for i, m in enumerate(model.classifier) if isinstance(m, torch.nn.Linear)]
+    assert [fc.state_key for fc in fc_layers()] == linears

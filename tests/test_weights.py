@@ -25,7 +25,7 @@ def small(config=CONFIG, classes=10, crop=64, seed=0):
 
 def caffe_arrays(model: VGG, config=CONFIG, style="dot") -> dict[str, np.ndarray]:
     """The model's weights under Caffe's layer names, in one of the naming styles seen in the wild."""
-    names = [n for n, _, _ in parse_config(config).conv_layers()] + ["fc6", "fc7", "fc8"]
+    names = [c.name for c in parse_config(config).conv_layers()] + ["fc6", "fc7", "fc8"]
     layers = model.conv_layers() + model.fc_layers()
     suffix = {"dot": (".weight", ".bias"), "slash": ("/weight", "/bias"), "caffe": ("_W", "_b"), "blob": (".0", ".1")}[style]
     out = {}

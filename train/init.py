@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from vgg_onnx.configs import parse_config
+from vgg_onnx.configs import FC_STATE_KEYS, parse_config
 from vgg_onnx.errors import UsageError, VggOnnxError
 from vgg_onnx.metadata import ModelInfo
 
@@ -20,7 +20,6 @@ from .checkpoint import json_path_for, load_weights, read_json
 from .model import VGG
 
 FIRST_CONVS = 4
-FC_KEYS = ("classifier.0", "classifier.3", "classifier.6")
 
 
 def init_from_checkpoint(model: VGG, weights_path: str) -> str:
@@ -42,9 +41,10 @@ def init_from_checkpoint(model: VGG, weights_path: str) -> str:
         note = f"initialised all {len(copied)} matching tensors from {weights_path}"
         note += f" (kept random: {', '.join(skipped)})" if skipped else ""
     else:
-        target_prefixes = dict(model.config.conv_state_keys())
-        pairs = [(name, src, target_prefixes.get(name)) for name, src in source_config.conv_state_keys()[:FIRST_CONVS]]
-        pairs += [(key, key, key) for key in FC_KEYS]
+        target_prefixes = {conv.name: conv.state_key for conv in model.config.conv_layers()}
+        pairs = [(conv.name, conv.state_key, target_prefixes.get(conv.name))
+                 for conv in source_config.conv_layers()[:FIRST_CONVS]]
+        pairs += [(key, key, key) for key in FC_STATE_KEYS.values()]
         copied = {}
         for name, src, dst in pairs:
             if dst is None:

@@ -10,22 +10,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vgg_onnx.configs import (DEFAULT_CROP, FC_WIDTH, IMAGENET_CLASSES, LRN_PARAMS, NUM_POOLS,
-                              Config, check_crop, parse_config, scaled_channels)
+from vgg_onnx.configs import (DEFAULT_CROP, FC_STATE_KEYS, FC_WIDTH, IMAGENET_CLASSES, LRN_PARAMS, NUM_POOLS,
+                              Config, LrnSpec, PoolSpec, check_crop, parse_config, scaled_channels)
 
 
 def make_features(config: Config, width_mult: float = 1.0) -> nn.Sequential:
+    """The conv part from the config's layer specs, in torchvision's module order (the specs' state keys)."""
     layers: list[nn.Module] = []
     in_channels = 3
-    for layer in config.layers:
-        if layer == "M":
+    for layer in config.feature_layers():
+        if isinstance(layer, PoolSpec):
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-        elif layer == "LRN":
+        elif isinstance(layer, LrnSpec):
             layers.append(nn.LocalResponseNorm(**LRN_PARAMS))
         else:
-            channels, kernel = (layer[1], 1) if isinstance(layer, tuple) else (layer, 3)
-            channels = scaled_channels(channels, width_mult)
-            layers.append(nn.Conv2d(in_channels, channels, kernel_size=kernel, padding=kernel // 2))
+            channels = scaled_channels(layer.out_channels, width_mult)
+            layers.append(nn.Conv2d(in_channels, channels, kernel_size=layer.kernel, padding=layer.padding))
             if config.batch_norm:
                 layers.append(nn.BatchNorm2d(channels))
             layers.append(nn.ReLU(inplace=True))
@@ -51,7 +51,7 @@ class VGG(nn.Module):
         self.features = make_features(config, width_mult)
         last_channels = self.features[-4 if config.batch_norm else -3].out_channels
         hidden = scaled_channels(FC_WIDTH, width_mult)
-        self.classifier = nn.Sequential(
+        self.classifier = nn.Sequential(  # module indices 0, 3, 6: configs.FC_STATE_KEYS
             nn.Linear(last_channels * self.fc6_kernel ** 2, hidden),  # fc6
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
@@ -72,7 +72,7 @@ class VGG(nn.Module):
         return [m for m in self.features if isinstance(m, nn.Conv2d)]
 
     def fc_layers(self) -> list[nn.Linear]:
-        return [self.classifier[0], self.classifier[3], self.classifier[6]]
+        return [self.get_submodule(key) for key in FC_STATE_KEYS.values()]
 
 
 def count_parameters(model: nn.Module) -> int:

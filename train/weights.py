@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from vgg_onnx.configs import DEFAULT_CROP, IMAGENET_CLASSES, NUM_POOLS, Config, parse_config, scaled_channels
+from vgg_onnx.configs import (DEFAULT_CROP, FC_STATE_KEYS, IMAGENET_CLASSES, NUM_POOLS, Config, parse_config,
+                              scaled_channels)
 from vgg_onnx.errors import UsageError, VggOnnxError
 from vgg_onnx.metadata import FORMAT_KEY, ModelInfo
 from vgg_onnx.train.checkpoint import WEIGHTS_SUFFIX, json_path_for
@@ -41,7 +42,6 @@ MAX_JSON_BYTES = 64 << 20
 NPY_HEADER_MAX = 10_000  # bytes; numpy's own default bound on a .npy header
 NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 CAFFE_KEY = re.compile(r"^(conv\d+_\d+|fc[678])[._/](weight|bias|w|b|0|1)$", re.IGNORECASE)
-CAFFE_FC = {"fc6": "classifier.0", "fc7": "classifier.3", "fc8": "classifier.6"}
 
 
 @dataclass
@@ -238,9 +238,9 @@ def caffe_to_torchvision(path: str, arrays: dict, config: Config, names: dict | 
     `names` ({key: name in the file}), when given, is updated to map the new keys to the file's names."""
     if config.batch_norm:
         raise UsageError(f"{path}: Caffe weights have no batch norm; use config {config.base}, not {config.name}")
-    target = dict(config.conv_state_keys())
+    target = {conv.name: conv.state_key for conv in config.conv_layers()}
     conv_names = list(target)
-    target.update(CAFFE_FC)
+    target.update(FC_STATE_KEYS)
     out = {}
     for key, value in arrays.items():
         match = CAFFE_KEY.match(key)
@@ -251,7 +251,7 @@ def caffe_to_torchvision(path: str, arrays: dict, config: Config, names: dict | 
             raise VggOnnxError(f"{path}: layer {layer} does not exist in config {config.name} "
                                f"(its layers: {conv_names[0]} … {conv_names[-1]}, fc6, fc7, fc8)")
         part = "weight" if part in ("weight", "w", "0") else "bias"
-        if part == "weight" and layer in CAFFE_FC and value.dim() == 4:
+        if part == "weight" and layer in FC_STATE_KEYS and value.dim() == 4:
             value = value.reshape(value.shape[0], -1)  # fc stored as its conv form: same C,H,W order
         out[f"{target[layer]}.{part}"] = value
         if names is not None:
@@ -262,14 +262,15 @@ def caffe_to_torchvision(path: str, arrays: dict, config: Config, names: dict | 
 def infer_dimensions(state_dict: dict, config: Config) -> dict:
     """num_classes, width_mult and crop_size implied by torchvision-layout weights (what can be read)."""
     found = {}
-    first, fc6, fc8 = state_dict.get("features.0.weight"), state_dict.get("classifier.0.weight"), \
-        state_dict.get("classifier.6.weight")
+    convs = config.conv_layers()
+    first, fc6, fc8 = (state_dict.get(f"{key}.weight") for key in
+                       (convs[0].state_key, FC_STATE_KEYS["fc6"], FC_STATE_KEYS["fc8"]))
     if fc8 is not None and fc8.dim() == 2:
         found["num_classes"] = int(fc8.shape[0])
     if first is not None and first.dim() == 4:
-        width = first.shape[0] / config.conv_layers()[0][1]
+        width = first.shape[0] / convs[0].out_channels
         found["width_mult"] = width
-        last = scaled_channels(config.conv_layers()[-1][1], width)
+        last = scaled_channels(convs[-1].out_channels, width)
         if fc6 is not None and fc6.dim() == 2 and fc6.shape[1] % last == 0:
             k = round((fc6.shape[1] // last) ** 0.5)
             if k * k * last == fc6.shape[1]:
@@ -286,9 +287,9 @@ def _label(key: str, names: dict | None) -> str:
 def _layer_chain(state_dict: dict, config: Config) -> list[tuple[str, str, str | None]]:
     """(weight key, bias key, next layer's weight key or None) of each layer whose outputs feed the
     next layer directly (conv -> conv, fc -> fc): three tensors that must agree on one size."""
-    prefixes = [prefix for _, prefix in config.conv_state_keys()]
-    chain = [(prefixes[i], prefixes[i + 1] if i + 1 < len(prefixes) else None) for i in range(len(prefixes))]
-    chain += [("classifier.0", "classifier.3"), ("classifier.3", "classifier.6"), ("classifier.6", None)]
+    convs = [conv.state_key for conv in config.conv_layers()]
+    fcs = list(FC_STATE_KEYS.values())
+    chain = list(zip(convs, convs[1:] + [None])) + list(zip(fcs, fcs[1:] + [None]))
     out = []
     for prefix, following in chain:
         weight, bias = f"{prefix}.weight", f"{prefix}.bias"

@@ -4,16 +4,23 @@ Layer codes: an int is a 3x3 conv (stride 1, padding 1) with that many output ch
 ("1x1", n) a 1x1 conv (padding 0, config C), "M" a 2x2 max-pool with stride 2 and "LRN"
 AlexNet's local response normalisation (config A-LRN). Every conv is followed by ReLU
 (and by batch norm first in the "-BN" variants, as in torchvision's vgg*_bn).
+
+`Config.feature_layers()` and `fc_layers()` walk the table once into typed layer specs, with
+Caffe's layer names and torchvision's state-dict keys; the torch model, the weight import, the
+compiler and the FLOP count all build on them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Union
 
 from .errors import UsageError
 
-__all__ = ["CFGS", "CONFIG_ALIASES", "Config", "DEFAULT_CROP", "FC_WIDTH", "IMAGENET_CLASSES", "check_crop",
-           "config_depth", "config_names", "describe_configs", "parse_config", "scaled_channels", "score_map_size"]
+__all__ = ["CFGS", "CONFIG_ALIASES", "Config", "ConvSpec", "DEFAULT_CROP", "FC_STATE_KEYS", "FC_WIDTH",
+           "IMAGENET_CLASSES", "LRN_PARAMS", "LayerSpec", "LrnSpec", "NUM_POOLS", "PoolSpec", "check_crop",
+           "config_depth", "config_names", "describe_configs", "fc_layers", "parse_config", "scaled_channels",
+           "score_map_size"]
 
 CFGS: dict[str, list] = {
     "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
@@ -38,7 +45,36 @@ IMAGENET_CLASSES = 1000
 # torchvision's names for the same architectures, for its checkpoints.
 TORCHVISION_NAMES = {"A": "vgg11", "B": "vgg13", "D": "vgg16", "E": "vgg19"}
 
-# Caffe's layer names (conv1_1 ... conv5_4, fc6, fc7, fc8) follow block and position.
+@dataclass(frozen=True)
+class ConvSpec:
+    """One conv of the network, fc6-fc8 included (they are convs in the compiled graph)."""
+
+    name: str  # Caffe's: conv1_1 ... conv5_4, fc6, fc7, fc8
+    out_channels: int  # Table 1's, before any width multiplier (fc8: the class count)
+    kernel: int  # 3, or 1 for config C's 1x1 convs; fc6: crop/32; fc7, fc8: 1
+    padding: int
+    state_key: str  # torchvision's state-dict prefix: features.<i> or classifier.<i>
+    batch_norm_key: str | None = None  # the batch norm after it in the -BN variants
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """A 2x2 max-pool with stride 2, ending block `name[-1]`."""
+
+    name: str  # pool1 ... pool5
+
+
+@dataclass(frozen=True)
+class LrnSpec:
+    """AlexNet's local response normalisation (config A-LRN) with LRN_PARAMS."""
+
+    name: str  # norm1
+
+
+LayerSpec = Union[ConvSpec, PoolSpec, LrnSpec]
+
+# torchvision's classifier: Linear, ReLU, Dropout, Linear, ReLU, Dropout, Linear
+FC_STATE_KEYS = {"fc6": "classifier.0", "fc7": "classifier.3", "fc8": "classifier.6"}
 
 
 @dataclass(frozen=True)
@@ -57,33 +93,38 @@ class Config:
     def has_lrn(self) -> bool:
         return "LRN" in self.layers
 
-    def conv_state_keys(self) -> list[tuple[str, str]]:
-        """(Caffe name, torchvision state-dict prefix "features.<i>") of every conv, in order.
-
-        The module order is train.model.make_features': conv, [batch norm], ReLU per conv;
-        one module per "M" and "LRN".
-        """
-        names = [name for name, _, _ in self.conv_layers()]
-        out, index = [], 0
-        for layer in self.layers:
-            if layer in ("M", "LRN"):
-                index += 1
-                continue
-            out.append((names[len(out)], f"features.{index}"))
-            index += 3 if self.batch_norm else 2
-        return out
-
-    def conv_layers(self) -> list[tuple[str, int, int]]:
-        """(caffe name, out channels, kernel size) of every conv, in order."""
-        out, block, pos = [], 1, 0
+    def feature_layers(self) -> list[LayerSpec]:
+        """The conv part of the network, walked once: Caffe-style names by block and position, and
+        torchvision's module order (conv, [batch norm], ReLU per conv; one module per pool and LRN)."""
+        out: list[LayerSpec] = []
+        block, pos, index = 1, 0, 0
         for layer in self.layers:
             if layer == "M":
-                block, pos = block + 1, 0
-            elif layer != "LRN":
+                out.append(PoolSpec(f"pool{block}"))
+                block, pos, index = block + 1, 0, index + 1
+            elif layer == "LRN":
+                out.append(LrnSpec(f"norm{block}"))
+                index += 1
+            else:
                 pos += 1
                 channels, kernel = (layer[1], 1) if isinstance(layer, tuple) else (layer, 3)
-                out.append((f"conv{block}_{pos}", channels, kernel))
+                bn_key = f"features.{index + 1}" if self.batch_norm else None
+                out.append(ConvSpec(f"conv{block}_{pos}", channels, kernel, kernel // 2, f"features.{index}", bn_key))
+                index += 3 if self.batch_norm else 2
         return out
+
+    def conv_layers(self) -> list[ConvSpec]:
+        """Every conv of the feature part, in order."""
+        return [layer for layer in self.feature_layers() if isinstance(layer, ConvSpec)]
+
+
+def fc_layers(crop: int | None = None, num_classes: int | None = None) -> list[ConvSpec]:
+    """fc6, fc7, fc8 as the convs the compiler makes of them: fc6 (crop/32)x(crop/32), fc7 and fc8 1x1."""
+    crop = DEFAULT_CROP if crop is None else crop
+    num_classes = IMAGENET_CLASSES if num_classes is None else num_classes
+    return [ConvSpec("fc6", FC_WIDTH, crop // 2 ** NUM_POOLS, 0, FC_STATE_KEYS["fc6"]),
+            ConvSpec("fc7", FC_WIDTH, 1, 0, FC_STATE_KEYS["fc7"]),
+            ConvSpec("fc8", num_classes, 1, 0, FC_STATE_KEYS["fc8"])]
 
 
 def config_names() -> list[str]:

@@ -26,7 +26,9 @@ help:
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYID)" || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 2; }
-	# torch 2.13.0 first: here a CPU wheel on local disk (a bare torch would pull a multi-GB CUDA build)
+	# torch 2.13.0 first: here a CPU wheel on local disk (a bare torch would pull a multi-GB CUDA build).
+	# The pin picks the suite's torch, not a limit: pyproject.toml also admits 2.14, so the package can
+	# share a venv with torchvision 0.29.1 (whose only build needs 2.14.1); <2.15 stops before untried releases.
 	$(PYTHON) -m pip install --quiet "torch==2.13.0"
 	$(PYTHON) -m pip install --quiet -e ".[all,dev]"
 	@mkdir -p .make && touch $@

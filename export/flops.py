@@ -1,10 +1,8 @@
-"""FLOPs and score-map sizes of a compiled model, read from the ONNX graph alone (no torch).
+"""The layers of an ONNX graph as the FLOP counter's chain (runtime/flops.py counts them).
 
-Used by `vgg-onnx inspect` for graphs without our metadata; the runtime, which has no onnx, counts the same from the model's
-metadata (runtime/flops.py; a test keeps the two equal). A FLOP here is
-one multiply or one add: a conv costs 2 * out_h * out_w * C_out * C_in * k_h * k_w per image
-(the FC layers are convs in the compiled graph). ReLU, pooling, LRN and softmax are left out,
-as usual; they are well under 1% of VGG's work.
+Used by `vgg-onnx inspect` for graphs without our metadata, and by the tests as an independent
+check of the config's count: the chain here is read from the graph's Conv and pool nodes and
+their weights, not from the configuration table.
 """
 
 from __future__ import annotations
@@ -12,7 +10,12 @@ from __future__ import annotations
 import math
 import os
 
-from vgg_onnx.configs import score_map_size  # noqa: F401 - re-exported for inspect and the tests
+from vgg_onnx.runtime.flops import SpatialLayer, chain_flops
+
+__all__ = ["conv_flops", "conv_parameters", "graph_chain", "layer_flops", "load_graph_structure"]
+
+SPATIAL_OPS = ("Conv", "MaxPool", "AveragePool")
+BEYOND_THE_SCORE_MAP = ("ReduceMean", "Softmax", "Flatten", "Gemm", "GlobalAveragePool")
 
 
 def load_graph_structure(model):
@@ -31,7 +34,7 @@ def _attribute(node, name, default):
     return default
 
 
-def _conv_weight_shapes(graph) -> dict[str, list[int]]:
+def _weight_shapes(graph) -> dict[str, list[int]]:
     shapes = {t.name: list(t.dims) for t in graph.initializer}
     for value in list(graph.input) + list(graph.value_info):  # weights kept as inputs
         dims = value.type.tensor_type.shape.dim
@@ -40,43 +43,40 @@ def _conv_weight_shapes(graph) -> dict[str, list[int]]:
     return shapes
 
 
-def layer_flops(model, height: int, width: int) -> list[tuple[str, tuple[int, int], int]]:
-    """(node name, output h x w, FLOPs per image) of every conv, following the spatial size through
-    convs and max-pools along the graph's chain."""
+def _spatial_layer(node, weights: dict) -> SpatialLayer:
+    channels = None
+    if node.op_type == "Conv":
+        c_out, c_in, kh, kw = weights[node.input[1]]  # c_in is per group, so grouped convs count right
+        channels = (c_in, c_out)
+    else:
+        kh, kw = _attribute(node, "kernel_shape", [1, 1])
+    return SpatialLayer(node.name or node.output[0], (kh, kw), tuple(_attribute(node, "strides", [1, 1])),
+                        tuple(_attribute(node, "pads", [0, 0, 0, 0])), tuple(_attribute(node, "dilations", [1, 1])),
+                        channels)
+
+
+def graph_chain(model) -> list[SpatialLayer]:
+    """The convs and pools on the path from the graph's first input to the score map, in order."""
     graph = load_graph_structure(model).graph
-    weights = _conv_weight_shapes(graph)
-    sizes = {graph.input[0].name: (height, width)}
-    out = []
+    weights = _weight_shapes(graph)
+    reached, chain = {graph.input[0].name}, []
     for node in graph.node:
-        size = next((sizes[i] for i in node.input if i in sizes), None)
-        if size is None:
+        if not any(i in reached for i in node.input) or node.op_type in BEYOND_THE_SCORE_MAP:
             continue
-        h, w = size
-        if node.op_type in ("Conv", "MaxPool", "AveragePool"):
-            if node.op_type == "Conv":
-                c_out, c_in, kh, kw = weights[node.input[1]]
-            else:
-                kh, kw = _attribute(node, "kernel_shape", [1, 1])
-            sh, sw = _attribute(node, "strides", [1, 1])
-            pads = _attribute(node, "pads", [0, 0, 0, 0])
-            dh, dw = _attribute(node, "dilations", [1, 1])
-            h = (h + pads[0] + pads[2] - dh * (kh - 1) - 1) // sh + 1
-            w = (w + pads[1] + pads[3] - dw * (kw - 1) - 1) // sw + 1
-            if h < 1 or w < 1:
-                raise ValueError(f"input {height}x{width} is too small: {node.name or node.op_type} has no output")
-            if node.op_type == "Conv":
-                # c_in is per group in the weight's shape, so this holds for grouped convs too
-                out.append((node.name or node.output[0], (h, w), 2 * h * w * c_out * c_in * kh * kw))
-        if node.op_type in ("ReduceMean", "Softmax", "Flatten", "Gemm", "GlobalAveragePool"):
-            continue  # beyond the score map: no spatial size to follow
-        for output in node.output:
-            sizes[output] = (h, w)
-    return out
+        if node.op_type in SPATIAL_OPS:
+            chain.append(_spatial_layer(node, weights))
+        reached.update(node.output)
+    return chain
+
+
+def layer_flops(model, height: int, width: int) -> list[tuple[str, tuple[int, int], int]]:
+    """(node name, output h x w, FLOPs per image) of every conv of the graph."""
+    return chain_flops(graph_chain(model), height, width)
 
 
 def conv_parameters(model) -> int:
     """Weights and biases of the graph's convolutions (the FC layers are convolutions here), counted
-    per use: onnxsim may merge identical tensors (all-zero biases) into one initializer."""
+    per use, so a tensor shared by two convs counts twice."""
     graph = load_graph_structure(model).graph
     shapes = {t.name: list(t.dims) for t in graph.initializer}
     count = 0

@@ -1,34 +1,69 @@
-"""FLOPs of the dense network on an input size, from the model's metadata alone (no torch, no onnx).
+"""FLOPs of the dense network: the one counter, fed by the config's layer specs or by a graph.
 
-Counts the convolutions and the FC layers as convolutions (fc6 a (crop/32)^2 conv, fc7 and fc8
-1x1), two FLOPs per multiply-add; ReLU, pooling, bias and softmax are left out, as usual.
+`chain_flops` follows the spatial size along a chain of convs and pools and counts each conv at
+two FLOPs per multiply-add (the FC layers are convs in the compiled graph: fc6 a (crop/32)^2 conv,
+fc7 and fc8 1x1); ReLU, LRN, bias and softmax are left out, as usual (well under 1% of VGG's work).
+`dense_flops` feeds it the model's metadata alone (no torch, no onnx); export/flops.py feeds it
+the layers read from an ONNX graph, for graphs without our metadata. A test keeps the two equal.
 """
 
 from __future__ import annotations
 
-from vgg_onnx.configs import FC_WIDTH, NUM_POOLS, parse_config, scaled_channels, score_map_size
+from dataclasses import dataclass
+from typing import Iterable
+
+from vgg_onnx.configs import ConvSpec, PoolSpec, fc_layers, parse_config, scaled_channels
 from vgg_onnx.metadata import ModelInfo
+
+__all__ = ["SpatialLayer", "TYPICAL_SIZE", "chain_flops", "config_chain", "dense_flops", "format_flops",
+           "image_flops"]
+
+
+@dataclass(frozen=True)
+class SpatialLayer:
+    """A layer that changes the spatial size or costs FLOPs: a conv (with channels) or a pool."""
+
+    name: str
+    kernel: tuple[int, int]
+    stride: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, bottom, right
+    dilation: tuple[int, int] = (1, 1)
+    channels: tuple[int, int] | None = None  # a conv's (input channels per group, output channels)
+
+
+def chain_flops(layers: Iterable[SpatialLayer], height: int, width: int) -> list[tuple[str, tuple[int, int], int]]:
+    """(name, output h x w, FLOPs per image) of each conv of the chain on a height x width input."""
+    h, w, out = height, width, []
+    for layer in layers:
+        (kh, kw), (sh, sw), (dh, dw), pads = layer.kernel, layer.stride, layer.dilation, layer.pads
+        h = (h + pads[0] + pads[2] - dh * (kh - 1) - 1) // sh + 1
+        w = (w + pads[1] + pads[3] - dw * (kw - 1) - 1) // sw + 1
+        if h < 1 or w < 1:
+            raise ValueError(f"input {height}x{width} is too small: {layer.name} has no output")
+        if layer.channels is not None:
+            c_in, c_out = layer.channels
+            out.append((layer.name, (h, w), 2 * h * w * c_out * c_in * kh * kw))
+    return out
+
+
+def config_chain(info: ModelInfo) -> list[SpatialLayer]:
+    """The convs and pools of the model that `info` describes, from its config's layer specs."""
+    specs = parse_config(info.config).feature_layers() + fc_layers(info.crop_size, info.num_classes)
+    layers, channels = [], 3
+    for spec in specs:
+        if isinstance(spec, PoolSpec):
+            layers.append(SpatialLayer(spec.name, (2, 2), (2, 2)))
+        elif isinstance(spec, ConvSpec):  # fc8's outputs are the classes, which no width multiplier scales
+            out = spec.out_channels if spec.name == "fc8" else scaled_channels(spec.out_channels, info.width_mult)
+            layers.append(SpatialLayer(spec.name, (spec.kernel, spec.kernel), pads=(spec.padding,) * 4,
+                                       channels=(channels, out)))
+            channels = out
+    return layers
 
 
 def dense_flops(info: ModelInfo, height: int, width: int) -> int:
     """FLOPs of one N=1 run of the exported graph on a height x width input."""
-    config = parse_config(info.config)
-    flops, channels, h, w = 0, 3, height, width
-    for layer in config.layers:
-        if layer == "M":
-            h, w = h // 2, w // 2
-        elif layer != "LRN":
-            out, kernel = (layer[1], 1) if isinstance(layer, tuple) else (layer, 3)
-            out = scaled_channels(out, info.width_mult)
-            flops += 2 * channels * kernel * kernel * out * h * w  # padding keeps h x w
-            channels = out
-    k = info.crop_size // 2 ** NUM_POOLS
-    oh, ow = score_map_size(height, width, info.crop_size)
-    hidden = scaled_channels(FC_WIDTH, info.width_mult)
-    flops += 2 * channels * k * k * hidden * oh * ow  # fc6 as a k x k conv
-    flops += 2 * hidden * hidden * oh * ow  # fc7 as a 1x1 conv
-    flops += 2 * hidden * info.num_classes * oh * ow  # fc8 as a 1x1 conv
-    return flops
+    return sum(flops for _, _, flops in chain_flops(config_chain(info), height, width))
 
 
 TYPICAL_SIZE = (500, 375)  # ImageNet's most common photo size (width, height), for estimates

@@ -18,7 +18,8 @@ from vgg_onnx.errors import UsageError, VggOnnxError
 from vgg_onnx.export import exporter
 from vgg_onnx.export.compiler import relative_error
 from vgg_onnx.export.exporter import export_model
-from vgg_onnx.export.flops import conv_flops, score_map_size
+from vgg_onnx.configs import score_map_size
+from vgg_onnx.export.flops import conv_flops
 from vgg_onnx.metadata import ModelInfo, sidecar_path
 from vgg_onnx.preprocessing import IMAGENET_MEAN_RGB
 from vgg_onnx.train.model import VGG, init_weights
@@ -320,7 +321,8 @@ def test_export_cli_writes_model_and_sidecar(tmp_path, cli_env):
 
 
 def test_graph_flops_agree_with_the_runtimes_metadata_count(small_model):
-    """Two independent counts: from the compiled graph's conv weights, and from the config table."""
+    """One counter, two independent descriptions of the net: the compiled graph's nodes and conv weights,
+    and the config table's layer specs with the model's metadata."""
     runtime_flops = pytest.importorskip("vgg_onnx.runtime.flops")
     info = ModelInfo.from_metadata_props({p.key: p.value for p in onnx.load(str(small_model)).metadata_props})
     for height, width in [(64, 64), (99, 131), (256, 341)]:

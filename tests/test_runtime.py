@@ -17,7 +17,7 @@ from vgg_onnx.preprocessing import load_image, rescale
 from vgg_onnx.runtime import session as session_module
 from vgg_onnx.runtime.evaluate import Evaluator, collect_images, top_k
 from vgg_onnx.runtime.flops import dense_flops
-from vgg_onnx.runtime.matmul import matmul_model_bytes, matmul_peak
+from vgg_onnx.runtime.matmul import MATMUL_ONNX, matmul_peak
 from vgg_onnx.runtime.session import ModelSession, gpu_library_problem
 
 
@@ -188,7 +188,7 @@ def test_missing_corrupt_and_foreign_models(tmp_path, small_model):
     with pytest.raises(VggOnnxError, match="no vgg-onnx metadata"):
         ModelSession(foreign, "cpu")
     matmul = tmp_path / "matmul.onnx"
-    matmul.write_bytes(matmul_model_bytes(2, 2, 2))
+    matmul.write_bytes(MATMUL_ONNX)
     with pytest.raises(VggOnnxError, match="no vgg-onnx metadata"):
         ModelSession(matmul, "cpu")
 
@@ -255,13 +255,21 @@ def test_dense_flops_known_values_and_the_graph(small_model):
         assert dense_flops(info, h, w) == conv_flops(str(small_model), h, w)
 
 
-def test_matmul_graph_is_valid_onnx_and_measures():
+def test_matmul_graph_is_what_onnx_helper_builds_and_measures():
     import onnx
+    from onnx import TensorProto, helper
 
-    proto = onnx.load_from_string(matmul_model_bytes(3, 4, 5))
+    def tensor(name, shape):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+    graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"], name="matmul")], "matmul_peak",
+                              [tensor("A", ["M", "K"]), tensor("B", ["K", "N"])], [tensor("C", ["M", "N"])])
+    built = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="vgg-onnx",
+                              ir_version=8)
+    proto = onnx.load_from_string(MATMUL_ONNX)
+    assert proto == built, "runtime/matmul.py's MATMUL_ONNX: paste built.SerializeToString().hex() there"
     onnx.checker.check_model(proto, full_check=True)
-    assert [n.op_type for n in proto.graph.node] == ["MatMul"]
-    sess = ort.InferenceSession(matmul_model_bytes(3, 4, 5), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(MATMUL_ONNX, providers=["CPUExecutionProvider"])
     a, b = np.ones((3, 4), np.float32), np.full((4, 5), 2, np.float32)
     np.testing.assert_array_equal(sess.run(None, {"A": a, "B": b})[0], a @ b)
     assert matmul_peak(1, size=256, seconds=0.05) > 0.1

@@ -18,7 +18,8 @@ import pytest
 
 from conftest import PYTHON, REPO
 from vgg_onnx.export.compiler import relative_error
-from vgg_onnx.export.flops import conv_flops, score_map_size
+from vgg_onnx.configs import score_map_size
+from vgg_onnx.export.flops import conv_flops
 
 TORCHVISION_PYTHON = os.environ.get("VGG_ONNX_TORCHVISION_PYTHON", str(REPO / ".venv-torchvision" / "bin" / "python"))
 MODELS = {"vgg11": "A", "vgg16": "D", "vgg16_bn": "D-BN"}

@@ -60,9 +60,15 @@ class Draws:
     alpha: np.ndarray
 
 
+def jittered_scale(rng: np.random.Generator, scales: list[int]) -> int:
+    """The paper's scale jittering: the training scale S drawn uniformly from the integers of
+    [Smin, Smax] for each sample, or the fixed S (single-scale training) with no draw."""
+    return int(scales[0]) if len(scales) == 1 else int(rng.integers(scales[0], scales[1] + 1))
+
+
 def draw(rng: np.random.Generator, scales: list[int], width: int, height: int, crop: int) -> Draws:
-    """Draw S (uniform integer in [Smin, Smax], or the fixed S), the crop, the mirror and alpha."""
-    scale = int(scales[0]) if len(scales) == 1 else int(rng.integers(scales[0], scales[1] + 1))
+    """Draw S (scale jittering), the crop, the mirror and the colour shift's alpha, in that order."""
+    scale = jittered_scale(rng, scales)
     new_w, new_h = rescaled_size(width, height, scale)
     left = int(rng.integers(0, new_w - crop + 1))
     top = int(rng.integers(0, new_h - crop + 1))

@@ -67,7 +67,7 @@ export: $(STAMP)
 # when WEIGHTS names other weights (recorded in a stamp rewritten only when its value changes).
 DEMO_MODEL := models/vgg_D.onnx
 DEMO_WEIGHTS_STAMP := .make/demo-weights
-EXPORT_SOURCES := $(wildcard export/*.py train/model.py train/weights.py train/init.py vgg_onnx/*.py vgg_onnx/data/*)
+EXPORT_SOURCES := $(wildcard export/*.py train/model.py train/checkpoint.py vgg_onnx/*.py vgg_onnx/data/*)
 $(shell mkdir -p .make && { echo '$(WEIGHTS)' | cmp -s - $(DEMO_WEIGHTS_STAMP) || echo '$(WEIGHTS)' > $(DEMO_WEIGHTS_STAMP); })
 
 $(DEMO_MODEL): $(EXPORT_SOURCES) $(DEMO_WEIGHTS_STAMP) $(WEIGHTS) | $(STAMP)

@@ -3,7 +3,7 @@
 Order of work: every cheap check first (options, output path), then the weights, then a plan
 (`plan_export`: what to build, from which weights, with which normalisation and metadata), then
 the net and its graph, written to a temporary file beside the output; that file is checked by onnx.checker,
-loaded by ONNX Runtime and verified against torch before it is renamed into place.
+imported by ONNX Runtime and verified against torch before it is renamed into place.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from vgg_onnx.classes import default_classes
 from vgg_onnx.configs import DEFAULT_CROP, IMAGENET_CLASSES, Config, check_crop, parse_config
 from vgg_onnx.errors import UsageError, VggOnnxError
 from vgg_onnx.export.compiler import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, DenseVGG, compile_model, reference_outputs, relative_error
+from vgg_onnx.export.weights import build_model, checkpoint_json, import_weights, infer_dimensions, read_checkpoint_info
 from vgg_onnx.metadata import INPUT_NAME, ModelInfo, sidecar_path
-from vgg_onnx.preprocessing import check_scales, normalization as preset_normalization
+from vgg_onnx.preprocessing import check_scales, normalization_preset
 from vgg_onnx.train.model import VGG, count_parameters, init_weights
 
 __all__ = ["Check", "ExportPlan", "ExportRequest", "ExportResult", "WeightsFacts", "check_graph_size", "compare",
@@ -171,7 +172,7 @@ def _check_request(request: ExportRequest) -> None:
     if request.init not in ("gaussian", "glorot"):
         raise UsageError(f"unknown init {request.init!r}; valid: gaussian, glorot")
     if request.normalization is not None:
-        preset_normalization(request.normalization)
+        normalization_preset(request.normalization)
     if request.width_mult is not None and not 0 < request.width_mult <= 1:
         raise UsageError(f"width multiplier {request.width_mult} must be in (0, 1]")
     if request.num_classes is not None and request.num_classes < 1:
@@ -183,12 +184,10 @@ def _check_request(request: ExportRequest) -> None:
 
 def _resolve_config(config: str | None, weights: str | None, weights_format: str) -> Config:
     """The config to build: --config, or the one a checkpoint's JSON names (they must agree)."""
-    from vgg_onnx.train import weights as weights_io
-
     checkpoint = None
     if weights is not None and (weights_format == "checkpoint"
-                                or (weights_format == "auto" and weights_io.checkpoint_json(weights))):
-        checkpoint = weights_io.read_checkpoint_info(weights)
+                                or (weights_format == "auto" and checkpoint_json(weights))):
+        checkpoint = read_checkpoint_info(weights)
         if config is not None and parse_config(config).name != parse_config(checkpoint.config).name:
             raise UsageError(f"{weights}: is a checkpoint of config {checkpoint.config}, not {parse_config(config).name}")
         config = checkpoint.config
@@ -203,10 +202,10 @@ def _choose_normalization(asked: str | None, checkpoint: ModelInfo | None, kind:
     if asked is None:
         if checkpoint:
             return checkpoint.normalization
-        return preset_normalization({"caffe": "caffe", "torchvision": "torchvision"}.get(kind, "paper"))
+        return normalization_preset({"caffe": "caffe", "torchvision": "torchvision"}.get(kind, "paper"))
     if asked == "paper" and checkpoint and checkpoint.normalization.preset == "paper":
         return checkpoint.normalization  # the checkpoint's own training-set mean
-    return preset_normalization(asked)
+    return normalization_preset(asked)
 
 
 def _choose(asked, checkpoint_value, found, default):
@@ -217,17 +216,17 @@ def _choose(asked, checkpoint_value, found, default):
 def plan_export(request: ExportRequest, cfg: Config, facts: WeightsFacts) -> ExportPlan:
     """Decide everything the export builds from the request and what the weights say (pure but for
     a meta-device parameter count); raises UsageError for a net that cannot be written."""
-    ckpt = facts.checkpoint
-    num_classes = _choose(request.num_classes, ckpt and ckpt.num_classes, facts.found.get("num_classes"),
+    checkpoint = facts.checkpoint
+    num_classes = _choose(request.num_classes, checkpoint and checkpoint.num_classes, facts.found.get("num_classes"),
                           IMAGENET_CLASSES)
-    width_mult = _choose(request.width_mult, ckpt and ckpt.width_mult, facts.found.get("width_mult"), 1.0)
-    crop = _choose(request.crop, ckpt and ckpt.crop_size, facts.found.get("crop_size"), DEFAULT_CROP)
+    width_mult = _choose(request.width_mult, checkpoint and checkpoint.width_mult, facts.found.get("width_mult"), 1.0)
+    crop = _choose(request.crop, checkpoint and checkpoint.crop_size, facts.found.get("crop_size"), DEFAULT_CROP)
     check_crop(crop)
     params = check_graph_size(cfg, num_classes, width_mult, crop, request.fp16)
-    train_scales = request.train_scales or (list(ckpt.train_scales) if ckpt else [max(256, crop)])
+    train_scales = request.train_scales or (list(checkpoint.train_scales) if checkpoint else [max(256, crop)])
     check_scales(train_scales, crop)
-    classes = ckpt.classes if ckpt and ckpt.num_classes == num_classes else default_classes(num_classes)
-    info = ModelInfo(cfg.name, classes, _choose_normalization(request.normalization, ckpt, facts.kind),
+    classes = checkpoint.classes if checkpoint and checkpoint.num_classes == num_classes else default_classes(num_classes)
+    info = ModelInfo(cfg.name, classes, _choose_normalization(request.normalization, checkpoint, facts.kind),
                      crop_size=crop, width_mult=width_mult, train_scales=list(train_scales), param_count=params,
                      weights_source=facts.source, weights_sha256=facts.sha256,
                      precision="fp16" if request.fp16 else "fp32")
@@ -251,29 +250,25 @@ def _log_plan(plan: ExportPlan, log) -> None:
 
 
 def _read_weights(request: ExportRequest, cfg, log):
-    """(what the weights file says, the loaded weights); random weights when there is no file."""
-    from vgg_onnx.train import weights as weights_io
-
+    """(what the weights file says, the imported weights); random weights when there is no file."""
     if request.weights is None:
         return WeightsFacts("random"), None
     log(f"vgg-onnx export: reading weights {request.weights}")
-    loaded = weights_io.load_weights(request.weights, cfg, request.weights_format)
-    facts = WeightsFacts(loaded.format, loaded.source, loaded.sha256, loaded.info,
-                         weights_io.infer_dimensions(loaded.state_dict, cfg))
-    return facts, loaded
+    imported = import_weights(request.weights, cfg, request.weights_format)
+    facts = WeightsFacts(imported.format, imported.source, imported.sha256, imported.info,
+                         infer_dimensions(imported.state_dict, cfg))
+    return facts, imported
 
 
-def _build_model(plan: ExportPlan, loaded) -> VGG:
-    """The torch net of the plan, holding the loaded weights (consumed) or a seeded random init."""
-    from vgg_onnx.train import weights as weights_io
-
+def _build_model(plan: ExportPlan, imported) -> VGG:
+    """The torch net of the plan, holding the imported weights (consumed) or a seeded random init."""
     info = plan.info
-    if loaded is None:
+    if imported is None:
         generator = torch.Generator().manual_seed(plan.request.seed)
         net = VGG(plan.cfg, info.num_classes, info.width_mult, info.crop_size)
         return init_weights(net, plan.request.init, generator).eval()
-    return weights_io.build_model(plan.request.weights, loaded.state_dict, plan.cfg, info.num_classes,
-                                  info.width_mult, info.crop_size, loaded.names)
+    return build_model(plan.request.weights, imported.state_dict, plan.cfg, info.num_classes, info.width_mult,
+                       info.crop_size, imported.names)
 
 
 def _writable(path: str, inputs: list[str | None]) -> None:
@@ -284,10 +279,8 @@ def _writable(path: str, inputs: list[str | None]) -> None:
 
 def _check_outputs(request: ExportRequest) -> None:
     """Neither output may replace what the export reads: the weights, or a checkpoint's JSON."""
-    from vgg_onnx.train import weights as weights_io
-
     weights = request.weights
-    inputs = [weights, weights_io.checkpoint_json(weights)] if weights is not None else []
+    inputs = [weights, checkpoint_json(weights)] if weights is not None else []
     _writable(request.out, inputs)
     _writable(sidecar_path(request.out), inputs)
 
@@ -303,11 +296,11 @@ def export_model(out: str, config: str | None = None, weights: str | None = None
     _check_request(request)  # the cheap checks before any slow work
     _check_outputs(request)
     cfg = _resolve_config(config, weights, weights_format)
-    facts, loaded = _read_weights(request, cfg, log)
+    facts, imported = _read_weights(request, cfg, log)
     plan = plan_export(request, cfg, facts)
     _log_plan(plan, log)
-    model = _build_model(plan, loaded)
-    del loaded
+    model = _build_model(plan, imported)
+    del imported
     return _compile_and_write(plan, model, start, log)
 
 

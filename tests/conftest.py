@@ -23,12 +23,12 @@ def export_small_model(path: Path, config: str = "A", num_classes: int = 10, wid
     from vgg_onnx.classes import default_classes
     from vgg_onnx.export.compiler import compile_model
     from vgg_onnx.metadata import ModelInfo
-    from vgg_onnx.preprocessing import normalization as norm
+    from vgg_onnx.preprocessing import normalization_preset
     from vgg_onnx.train.model import VGG, count_parameters, init_weights
 
     torch.manual_seed(seed)
     model = init_weights(VGG(config, num_classes, width_mult, crop), init).eval()
-    info = ModelInfo(config, default_classes(num_classes), norm(normalization), crop_size=crop,
+    info = ModelInfo(config, default_classes(num_classes), normalization_preset(normalization), crop_size=crop,
                      width_mult=width_mult, train_scales=list(train_scales),
                      param_count=count_parameters(model))
     proto, _ = compile_model(model, info)

@@ -87,12 +87,12 @@ def test_samples_do_not_depend_on_workers_or_processes(tmp_path):
     import torch
 
     from test_train_data import make_dataset
-    from vgg_onnx.preprocessing import normalization
+    from vgg_onnx.preprocessing import normalization_preset
     from vgg_onnx.train.data import EpochBatches, TrainDataset, scan_data
 
     data = make_dataset(tmp_path / "d", train_per_class=6, val_per_class=1, sizes=[(48, 48), (64, 40), (40, 56)])
     train, _, _ = scan_data(str(data))
-    dataset = TrainDataset(train, [36, 48], 32, normalization("paper", (120, 110, 100)), TEST_PCA, seed=5)
+    dataset = TrainDataset(train, [36, 48], 32, normalization_preset("paper", (120, 110, 100)), TEST_PCA, seed=5)
 
     def sampler(rank=0, world=1, epoch=1):
         s = EpochBatches(len(train), 8, rank, world, seed=5)

@@ -94,10 +94,10 @@ def test_weights_inside_the_graph_are_the_files(tmp_path):
     torch.save(model.state_dict(), weights)
     export_model(tmp_path / "m.onnx", "A", str(weights), log=quiet)
     image = torch.rand(2, 3, 64, 64) * 255
-    from vgg_onnx.preprocessing import normalization
+    from vgg_onnx.preprocessing import normalization_preset
 
-    expected = torch.softmax(model(((image - torch.tensor(normalization("torchvision").mean_rgb).view(1, 3, 1, 1))
-                                    / torch.tensor(normalization("torchvision").std_rgb).view(1, 3, 1, 1))), 1)
+    expected = torch.softmax(model(((image - torch.tensor(normalization_preset("torchvision").mean_rgb).view(1, 3, 1, 1))
+                                    / torch.tensor(normalization_preset("torchvision").std_rgb).view(1, 3, 1, 1))), 1)
     _, probs = session(tmp_path / "m.onnx").run(None, {"image": image.numpy()})
     # a bare torchvision-layout .pth defaults to torchvision's normalisation
     assert relative_error(probs, expected.detach().numpy()) < 1e-4
@@ -132,12 +132,12 @@ def test_checkpoint_defaults_come_from_its_json(tmp_path):
     from safetensors.torch import save_file
 
     from vgg_onnx.classes import ClassInfo
-    from vgg_onnx.preprocessing import normalization
+    from vgg_onnx.preprocessing import normalization_preset
 
     model = small_model()
     save_file(model.state_dict(), str(tmp_path / "best.safetensors"))
     classes = tuple(ClassInfo(i, f"n0000000{i}", f"thing {i}") for i in range(10))
-    info = ModelInfo("A", classes, normalization("paper", (120.5, 110.25, 100.0)), crop_size=64, width_mult=0.125,
+    info = ModelInfo("A", classes, normalization_preset("paper", (120.5, 110.25, 100.0)), crop_size=64, width_mult=0.125,
                      train_scales=[80, 128])
     sha256 = hashlib.sha256((tmp_path / "best.safetensors").read_bytes()).hexdigest()
     (tmp_path / "best.json").write_text(json.dumps(info.to_json_dict() | {"training": {"epoch": 7},
@@ -166,10 +166,10 @@ def test_emitted_graph_is_already_minimal(config):
     constant nodes, every initializer read by a node, and each tensor named once (docs/export.md)."""
     from vgg_onnx.classes import default_classes
     from vgg_onnx.export.compiler import compile_model
-    from vgg_onnx.preprocessing import normalization
+    from vgg_onnx.preprocessing import normalization_preset
 
     model = init_weights(VGG(config, 10, 0.125, 64), "glorot").eval()
-    info = ModelInfo(config, default_classes(10), normalization("torchvision"), crop_size=64, width_mult=0.125,
+    info = ModelInfo(config, default_classes(10), normalization_preset("torchvision"), crop_size=64, width_mult=0.125,
                      train_scales=[96])
     graph = compile_model(model, info)[0].graph
     ops = [n.op_type for n in graph.node]
@@ -219,9 +219,9 @@ def test_failed_verification_writes_nothing(tmp_path, monkeypatch):
 def test_flops_follow_the_graph(small_model):
     """FLOPs counted from the ONNX graph equal those counted by hooks on the torch convs."""
     from vgg_onnx.export.compiler import DenseVGG
-    from vgg_onnx.preprocessing import normalization
+    from vgg_onnx.preprocessing import normalization_preset
 
-    dense = DenseVGG(VGG("A", 10, 0.125, 64), normalization("paper"))  # the fixture's architecture
+    dense = DenseVGG(VGG("A", 10, 0.125, 64), normalization_preset("paper"))  # the fixture's architecture
     counted = []
 
     def hook(module, inputs, output):

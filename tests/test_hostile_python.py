@@ -327,14 +327,14 @@ def checkpoint(tmp_path_factory):
 
     from vgg_onnx.classes import default_classes
     from vgg_onnx.metadata import ModelInfo
-    from vgg_onnx.preprocessing import normalization
+    from vgg_onnx.preprocessing import normalization_preset
     from vgg_onnx.train.model import VGG, init_weights
 
     folder = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
     model = init_weights(VGG("A", 10, 0.125, 64), "glorot").eval()
     save_file(model.state_dict(), str(folder / "best.safetensors"))
-    info = ModelInfo("A", default_classes(10), normalization("paper"), crop_size=64, width_mult=0.125,
+    info = ModelInfo("A", default_classes(10), normalization_preset("paper"), crop_size=64, width_mult=0.125,
                      train_scales=[96])
     sha256 = hashlib.sha256((folder / "best.safetensors").read_bytes()).hexdigest()
     (folder / "best.json").write_text(json.dumps(info.to_json_dict() | {"weights_sha256": sha256,
@@ -392,7 +392,7 @@ def npz_member(name: str, shape: tuple, payload_bytes: int | None = None) -> tup
 
 
 def test_a_zip_bomb_npz_is_refused_before_decompressing(tmp_path, monkeypatch):
-    from vgg_onnx.train import weights
+    from vgg_onnx.export import weights
 
     path = tmp_path / "bomb.npz"
     with zipfile.ZipFile(path, "w") as archive:
@@ -400,18 +400,18 @@ def test_a_zip_bomb_npz_is_refused_before_decompressing(tmp_path, monkeypatch):
     assert path.stat().st_size < 200_000
     monkeypatch.setattr(weights.np, "load", lambda *a, **k: pytest.fail("decompressed the archive"))
     with pytest.raises(VggOnnxError, match=r"bomb\.npz: conv1_1\.weight\.npy would expand .*a zip bomb"):
-        weights.load_weights(str(path), "A")
+        weights.import_weights(str(path), "A")
 
 
 def test_npz_shapes_are_checked_from_the_headers_before_decompressing(tmp_path, monkeypatch):
-    from vgg_onnx.train import weights
+    from vgg_onnx.export import weights
 
     path = tmp_path / "lying.npz"
     with zipfile.ZipFile(path, "w") as archive:  # the header promises far more than the member holds
         archive.writestr(*npz_member("conv1_1.weight", (100_000, 100_000), payload_bytes=16))
     monkeypatch.setattr(weights.np, "load", lambda *a, **k: pytest.fail("decompressed the archive"))
     with pytest.raises(VggOnnxError, match=r"conv1_1\.weight declares \d+ bytes but its header .* implies"):
-        weights.load_weights(str(path), "A")
+        weights.import_weights(str(path), "A")
     # an honest archive whose shapes are not VGG-A's is refused from the headers too
     sys.path.insert(0, str(REPO / "tests"))
     from test_weights import caffe_arrays, small
@@ -421,7 +421,7 @@ def test_npz_shapes_are_checked_from_the_headers_before_decompressing(tmp_path, 
     np.savez(tmp_path / "c.npz", **arrays)
     with pytest.raises(VggOnnxError, match=r"conv2_1\.weight \(features\.3\.weight\) has shape 32x8x3x3, but "
                                            r"conv2_1\.bias \(features\.3\.bias\) and conv3_1\.weight"):
-        weights.load_weights(str(tmp_path / "c.npz"), "A")
+        weights.import_weights(str(tmp_path / "c.npz"), "A")
 
 
 @pytest.mark.parametrize("key", ["features.0.weight", "classifier.0.weight", "features.0.bias"])
@@ -429,12 +429,12 @@ def test_a_wrong_shape_tensor_error_names_that_tensor(checkpoint, tmp_path, key)
     import torch
 
     from vgg_onnx.configs import parse_config
-    from vgg_onnx.train.weights import build_model, infer_dimensions, load_weights
+    from vgg_onnx.export.weights import build_model, import_weights, infer_dimensions
 
     state = torch.load(checkpoint / "w.pth")
     state[key] = torch.zeros((state[key].shape[0] * 2,) + tuple(state[key].shape[1:]))
     torch.save(state, tmp_path / "bad.pth")
-    loaded = load_weights(str(tmp_path / "bad.pth"), "A")
+    loaded = import_weights(str(tmp_path / "bad.pth"), "A")
     found = infer_dimensions(loaded.state_dict, parse_config("A"))
     with pytest.raises(VggOnnxError, match=rf"bad\.pth: {key} has shape "):
         build_model("bad.pth", loaded.state_dict, parse_config("A"), found.get("num_classes", 1000),
@@ -442,10 +442,10 @@ def test_a_wrong_shape_tensor_error_names_that_tensor(checkpoint, tmp_path, key)
 
 
 def test_a_fifo_named_like_weights_is_refused_without_hanging(tmp_path):
-    from vgg_onnx.train.weights import load_weights
+    from vgg_onnx.export.weights import import_weights
 
     os.mkfifo(tmp_path / "w.pth")
-    done, error = finishes(lambda: load_weights(str(tmp_path / "w.pth"), "A"))
+    done, error = finishes(lambda: import_weights(str(tmp_path / "w.pth"), "A"))
     assert done and isinstance(error, VggOnnxError) and "not a regular file" in str(error)
 
 
@@ -466,7 +466,8 @@ main()
 
 
 def test_an_oversized_checkpoint_json_is_refused_unread(checkpoint, tmp_path):
-    from vgg_onnx.train.weights import MAX_JSON_BYTES, read_checkpoint_info
+    from vgg_onnx.export.weights import read_checkpoint_info
+    from vgg_onnx.train.checkpoint import MAX_JSON_BYTES
 
     (tmp_path / "big.safetensors").write_bytes((checkpoint / "best.safetensors").read_bytes())
     with open(tmp_path / "big.json", "wb") as f:  # sparse

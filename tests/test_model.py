@@ -7,7 +7,7 @@ import torch
 
 from vgg_onnx.export.compiler import DenseVGG, reference_outputs, relative_error
 from vgg_onnx.configs import fc_layers, score_map_size
-from vgg_onnx.preprocessing import normalization
+from vgg_onnx.preprocessing import normalization_preset
 from vgg_onnx.train.model import VGG, init_weights
 
 
@@ -23,7 +23,7 @@ def test_fc_form_equals_conv_form_at_crop_size(config, crop, preset):
     for m in model.modules():  # batch norm with non-trivial statistics
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.3, 0.3), m.running_var.uniform_(0.5, 2.0), m.bias.data.uniform_(-0.1, 0.1)
-    norm = normalization(preset)
+    norm = normalization_preset(preset)
     image = torch.rand(2, 3, crop, crop) * 255
     logits = reference_outputs(model, norm, image)
     with torch.no_grad():
@@ -36,7 +36,7 @@ def test_fc_form_equals_conv_form_at_crop_size(config, crop, preset):
 def test_dense_model_leaves_the_fc_model_untouched():
     model = small()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    DenseVGG(model, normalization("caffe"))  # BGR folds into a copy of conv1
+    DenseVGG(model, normalization_preset("caffe"))  # BGR folds into a copy of conv1
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -50,7 +50,7 @@ def test_score_map_size(height, width, crop, expected):
 @pytest.mark.parametrize("height,width", [(64, 64), (100, 130), (127, 64)])
 def test_score_map_size_matches_the_network(height, width):
     with torch.no_grad():
-        scores, _ = DenseVGG(small(), normalization("paper"))(torch.rand(1, 3, height, width) * 255)
+        scores, _ = DenseVGG(small(), normalization_preset("paper"))(torch.rand(1, 3, height, width) * 255)
     assert tuple(scores.shape[2:]) == score_map_size(height, width, 64)
 
 

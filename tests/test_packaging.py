@@ -83,7 +83,7 @@ def test_wheel_holds_only_the_vgg_onnx_namespace(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names}
     assert {t for t in top if not t.endswith(".dist-info")} == {"vgg_onnx"}, top
-    for required in ("vgg_onnx/train/model.py", "vgg_onnx/train/weights.py", "vgg_onnx/export/compiler.py",
+    for required in ("vgg_onnx/train/model.py", "vgg_onnx/export/weights.py", "vgg_onnx/export/compiler.py",
                      "vgg_onnx/export/cli.py", "vgg_onnx/runtime/__init__.py", "vgg_onnx/data/imagenet1k_classes.tsv"):
         assert required in names, required
 

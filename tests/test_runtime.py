@@ -246,9 +246,9 @@ def test_dense_flops_known_values_and_the_graph(small_model):
     from vgg_onnx.export.flops import conv_flops  # counts from the graph itself: an independent check
     from vgg_onnx.metadata import ModelInfo
     from vgg_onnx.classes import default_classes
-    from vgg_onnx.preprocessing import normalization
+    from vgg_onnx.preprocessing import normalization_preset
 
-    vgg16 = ModelInfo("D", default_classes(1000), normalization("paper"))
+    vgg16 = ModelInfo("D", default_classes(1000), normalization_preset("paper"))
     assert dense_flops(vgg16, 224, 224) == 2 * 15_470_264_320  # VGG-16's well-known 15.47 G multiply-adds
     info = ModelSession(small_model, "cpu").info
     for h, w in [(64, 64), (96, 128), (130, 97)]:

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from vgg_onnx.configs import parse_config
 from vgg_onnx.errors import VggOnnxError
 from vgg_onnx.train.model import VGG, init_weights
-from vgg_onnx.train.weights import build_model, file_sha256, infer_dimensions, load_weights
+from vgg_onnx.export.weights import build_model, file_sha256, import_weights, infer_dimensions
 
 CONFIG = "A"
 
@@ -48,7 +48,7 @@ def test_torchvision_pth(tmp_path, wrap):
             "ddp": {"module." + k: v for k, v in sd.items()}}[wrap]
     path = tmp_path / "w.pth"
     torch.save(data, path)
-    loaded = load_weights(str(path), CONFIG)
+    loaded = import_weights(str(path), CONFIG)
     assert loaded.format == "torchvision" and loaded.source == "w.pth" and len(loaded.sha256) == 64
     assert_same_weights(model, loaded.state_dict)
     assert infer_dimensions(loaded.state_dict, parse_config(CONFIG)) == {"num_classes": 10, "width_mult": 0.125,
@@ -66,7 +66,7 @@ def test_caffe_named_arrays_become_torchvision_keys(tmp_path, style, ext):
         save_file({k: torch.from_numpy(v) for k, v in arrays.items()}, str(path))
     else:
         torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, path)
-    loaded = load_weights(str(path), CONFIG)
+    loaded = import_weights(str(path), CONFIG)
     assert loaded.format == "caffe"
     assert_same_weights(model, loaded.state_dict)
 
@@ -76,7 +76,7 @@ def test_caffe_fc_layers_in_conv_shape_are_accepted(tmp_path):
     arrays = caffe_arrays(model)
     arrays["fc6.weight"] = arrays["fc6.weight"].reshape(-1, 8 * 8, 2, 2)  # 8 channels, 2x2 at crop 64... as conv
     np.savez(tmp_path / "c.npz", **arrays)
-    assert_same_weights(model, load_weights(str(tmp_path / "c.npz"), CONFIG).state_dict)
+    assert_same_weights(model, import_weights(str(tmp_path / "c.npz"), CONFIG).state_dict)
 
 
 def test_caffe_layer_that_the_config_lacks(tmp_path):
@@ -84,7 +84,7 @@ def test_caffe_layer_that_the_config_lacks(tmp_path):
     arrays["conv5_4.weight"] = arrays["conv5_2.weight"]
     np.savez(tmp_path / "c.npz", **arrays)
     with pytest.raises(VggOnnxError, match="layer conv5_4 does not exist in config A"):
-        load_weights(str(tmp_path / "c.npz"), CONFIG)
+        import_weights(str(tmp_path / "c.npz"), CONFIG)
 
 
 def test_build_model_checks_every_shape(tmp_path):
@@ -103,26 +103,26 @@ def test_build_model_checks_every_shape(tmp_path):
 def test_checkpoint_with_json(tmp_path):
     from vgg_onnx.classes import default_classes
     from vgg_onnx.metadata import ModelInfo
-    from vgg_onnx.preprocessing import normalization
+    from vgg_onnx.preprocessing import normalization_preset
 
     model = small()
     path = tmp_path / "best.safetensors"
     save_file(model.state_dict(), str(path))
-    info = ModelInfo("A", default_classes(10), normalization("paper", (120.0, 115.0, 100.0)), crop_size=64,
+    info = ModelInfo("A", default_classes(10), normalization_preset("paper", (120.0, 115.0, 100.0)), crop_size=64,
                      width_mult=0.125, train_scales=[96])
     document = info.to_json_dict() | {"training": {"epoch": 1}, "weights_sha256": file_sha256(str(path))}
     (tmp_path / "best.json").write_text(json.dumps(document))
-    loaded = load_weights(str(path), CONFIG)
+    loaded = import_weights(str(path), CONFIG)
     assert loaded.format == "checkpoint" and loaded.info.normalization.mean_rgb == (120.0, 115.0, 100.0)
     assert_same_weights(model, loaded.state_dict)
     # the JSON records the weights' sha256: a mixed-up pair is refused
     (tmp_path / "best.json").write_text(json.dumps(document | {"weights_sha256": "0" * 64}))
     with pytest.raises(VggOnnxError, match="does not match the sha256"):
-        load_weights(str(path), CONFIG)
+        import_weights(str(path), CONFIG)
     # an empty sha256 does not switch the check off
     (tmp_path / "best.json").write_text(json.dumps(document | {"weights_sha256": ""}))
     with pytest.raises(VggOnnxError, match="no weights_sha256, so its integrity cannot be checked"):
-        load_weights(str(path), CONFIG)
+        import_weights(str(path), CONFIG)
 
 
 @pytest.mark.parametrize("kind", ["truncated_pth", "truncated_npz", "truncated_safetensors", "text", "pickle_object",
@@ -150,6 +150,6 @@ def test_bad_files_give_one_line(tmp_path, kind):
     else:
         torch.save({"layer.weight": torch.zeros(3)}, path)
     with pytest.raises(VggOnnxError) as error:
-        load_weights(str(path), CONFIG)
+        import_weights(str(path), CONFIG)
     message = str(error.value)
     assert "\n" not in message and str(path) in message

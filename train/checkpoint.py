@@ -36,6 +36,7 @@ __all__ = ["json_path_for", "load_checkpoint", "load_newest_whole", "load_weight
 WEIGHTS_SUFFIX = ".safetensors"
 OPTIM_SUFFIX = ".optim.pt"
 PREVIOUS_SUFFIX = ".prev"
+MAX_JSON_BYTES = 64 << 20  # a checkpoint's JSON is a few hundred KB (the class list); refuse far larger
 
 
 def paths(run_dir: str, name: str) -> tuple[str, str, str]:
@@ -128,15 +129,23 @@ def save_checkpoint(run_dir: str, name: str, state_dict: dict, info: ModelInfo, 
 
 
 def read_json(path: str) -> dict:
+    """A checkpoint's JSON document (the one reader of it: training, --resume, --init-from, export)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        with open(path, "rb") as f:
+            text = f.read(MAX_JSON_BYTES + 1)
     except FileNotFoundError:
         raise VggOnnxError(f"{path}: missing (a checkpoint's JSON beside its weights)") from None
     except OSError as e:
         raise VggOnnxError(f"{path}: cannot read: {e.strerror or e}") from None
-    except json.JSONDecodeError as e:
-        raise VggOnnxError(f"{path}: not JSON ({e})") from None
+    if len(text) > MAX_JSON_BYTES:
+        raise VggOnnxError(f"{path}: over {MAX_JSON_BYTES >> 20} MiB, too large for a checkpoint's JSON")
+    try:
+        document = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise VggOnnxError(f"{path}: not JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(document, dict):
+        raise VggOnnxError(f"{path}: not a vgg-onnx checkpoint description (not a JSON object)")
+    return document
 
 
 def load_weights(weights_path: str, expected_sha256: str = "") -> dict[str, torch.Tensor]:

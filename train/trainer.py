@@ -26,9 +26,9 @@ from vgg_onnx.atomic import atomic_write_text, check_writable
 from vgg_onnx.configs import check_crop, parse_config
 from vgg_onnx.errors import UsageError, VggOnnxError
 from vgg_onnx.metadata import ModelInfo
-from vgg_onnx.preprocessing import check_scales, normalization
+from vgg_onnx.preprocessing import check_scales, normalization_preset
 
-from . import checkpoint as ckpt
+from . import checkpoint
 from .augment import INIT_STREAM, STEP_STREAM, derived_seed
 from .data import (STATS_FILE, ColourStats, EpochBatches, TrainDataset, ValDataset, collate, compute_stats, load_stats,
                    save_stats, scan_data, shard)
@@ -158,7 +158,7 @@ def elastic_identity(agents: list[str]) -> dict | None:
 def same_elastic_run(json_path: str, agents: list[str]) -> bool:
     """Whether the checkpoint was written by this torchrun job: the same run id (--rdzv-id) and at least
     one of the same agent processes (a new launch that reuses the id has new agents)."""
-    training = ckpt.read_json(json_path).get("training")
+    training = checkpoint.read_json(json_path).get("training")
     saved = training.get("elastic") if isinstance(training, dict) else None
     mine = elastic_identity(agents)
     return (mine is not None and isinstance(saved, dict) and saved.get("run_id") == mine["run_id"]
@@ -171,7 +171,7 @@ class Trainer:
         check_args(args, proc.world)
         self.config = parse_config(args.config)
         self.run_dir = args.out
-        self.last_json = ckpt.paths(self.run_dir, "last")[1]
+        self.last_json = checkpoint.paths(self.run_dir, "last")[1]
         # a failure before the first step removes the files and the folder this run made
         self.created_run_dir, self.new_files = False, []
         self.saved_step = None  # the step of the newest `last` checkpoint
@@ -197,7 +197,7 @@ class Trainer:
         if args.resume:
             self.resume_doc = self.checked_on_main(self.check_resumable, broadcast=True)
         self.stats = self.checked_on_main(self.colour_stats, broadcast=True)
-        self.norm = normalization("paper", mean_rgb=self.stats.mean_rgb)
+        self.norm = normalization_preset("paper", mean_rgb=self.stats.mean_rgb)
 
         self.model = VGG(self.config, len(self.classes), args.width_mult, args.crop, args.dropout)
         generator = torch.Generator().manual_seed(derived_seed(INIT_STREAM, args.seed, 0))
@@ -249,7 +249,7 @@ class Trainer:
 
     def prepare_run_dir(self) -> bool:
         """Create or check RUN_DIR; returns whether to resume (--resume, or torchrun restarted this run)."""
-        weights, json_path, _ = ckpt.paths(self.run_dir, "last")
+        weights, json_path, _ = checkpoint.paths(self.run_dir, "last")
         check_writable(weights)
         try:
             self.created_run_dir = not os.path.isdir(self.run_dir)
@@ -287,7 +287,7 @@ class Trainer:
                 os.rmdir(self.run_dir)  # only if empty: anything else there was not ours to delete
 
     def check_resumable(self) -> dict:
-        document = ckpt.read_json(self.last_json)
+        document = checkpoint.read_json(self.last_json)
         training = document.get("training")
         if not (isinstance(training, dict) and all(isinstance(training.get(k), dict) for k in TRAINING_KEYS)):
             raise VggOnnxError(f"{self.last_json}: not a training checkpoint (needs training.{', training.'.join(TRAINING_KEYS)}; "
@@ -327,7 +327,7 @@ class Trainer:
     def load_resume(self) -> None:
         # rank 0 reads and every rank gets its copy: other nodes need no access to the run folder
         state_dict, document, optim_state, note = self.checked_on_main(
-            lambda: ckpt.load_newest_whole(self.run_dir, "last"), broadcast=True)
+            lambda: checkpoint.load_newest_whole(self.run_dir, "last"), broadcast=True)
         if note and self.proc.is_main:
             warn(note)
         try:
@@ -381,7 +381,7 @@ class Trainer:
             "init_note": self.init_note,
         }
         try:
-            ckpt.save_checkpoint(self.run_dir, name, self.model.state_dict(), self.model_info(), training,
+            checkpoint.save_checkpoint(self.run_dir, name, self.model.state_dict(), self.model_info(), training,
                                  self.optimizer.state_dict())
         except OSError as e:
             what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))

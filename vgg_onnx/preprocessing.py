@@ -19,7 +19,7 @@ from .errors import UsageError, VggOnnxError
 __all__ = ["CONVENTIONS", "DECODER_MAX_PIXELS", "DEFAULT_MAX_PIXELS", "GRID_SIZE", "IMAGE_EXTENSIONS",
            "IMAGENET_MEAN_RGB", "NORMALIZATIONS", "ImageError", "Normalization", "check_pixel_limit",
            "check_scales", "crop_boxes", "decode_image", "default_test_scales", "grid_offsets",
-           "image_size_from_header", "load_image", "MAX_FILE_BYTES", "mirror", "normalization", "parse_scales",
+           "image_size_from_header", "load_image", "MAX_FILE_BYTES", "mirror", "normalization_preset", "parse_scales",
            "read_image_file", "rescale", "rescaled_size"]
 
 DEFAULT_MAX_PIXELS = 100_000_000  # refuse larger images from their header, before decoding
@@ -157,7 +157,8 @@ NORMALIZATIONS = {
 }
 
 
-def normalization(preset: str, mean_rgb=None) -> Normalization:
+def normalization_preset(preset: str, mean_rgb=None) -> Normalization:
+    """A named preset of NORMALIZATIONS (with the training set's own mean RGB when given)."""
     if preset not in NORMALIZATIONS:
         raise UsageError(f"unknown normalization {preset!r}; valid: {', '.join(NORMALIZATIONS)}")
     norm = NORMALIZATIONS[preset]

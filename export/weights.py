@@ -1,4 +1,4 @@
-"""Weights from a file -> a VGG module (torchvision state-dict layout), checked against a config.
+"""Weight import, for export: a file -> a VGG module (torchvision state-dict layout), checked against a config.
 
 Formats:
   torchvision  a .pth/.pt state dict with torchvision's keys (features.<i>.*, classifier.0/3/6.*),
@@ -13,7 +13,6 @@ Formats:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import warnings
@@ -27,25 +26,24 @@ from vgg_onnx.configs import (DEFAULT_CROP, FC_STATE_KEYS, IMAGENET_CLASSES, NUM
                               scaled_channels)
 from vgg_onnx.errors import UsageError, VggOnnxError
 from vgg_onnx.metadata import FORMAT_KEY, ModelInfo
-from vgg_onnx.train.checkpoint import WEIGHTS_SUFFIX, json_path_for
+from vgg_onnx.train.checkpoint import WEIGHTS_SUFFIX, json_path_for, read_json
 from vgg_onnx.train.model import VGG
 
-__all__ = ["FORMATS", "LoadedWeights", "build_model", "caffe_to_torchvision", "check_consistency", "check_shapes", "checkpoint_json",
-           "detect_format", "file_sha256", "infer_dimensions", "load_weights", "read_checkpoint_info"]
+__all__ = ["FORMATS", "ImportedWeights", "build_model", "caffe_to_torchvision", "check_consistency", "check_shapes",
+           "checkpoint_json", "detect_format", "file_sha256", "import_weights", "infer_dimensions", "read_checkpoint_info"]
 
 FORMATS = ("auto", "torchvision", "caffe", "checkpoint")
 # deflate shrinks trained float weights by a few percent, zeros by up to 1000:1; more than this
 # ratio is not weights but a zip bomb, refused before it is decompressed
 MAX_NPZ_RATIO = 16
 # a checkpoint's JSON: metadata and class names (ImageNet-21k's 21,841 take about 2 MiB)
-MAX_JSON_BYTES = 64 << 20
 NPY_HEADER_MAX = 10_000  # bytes; numpy's own default bound on a .npy header
 NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 CAFFE_KEY = re.compile(r"^(conv\d+_\d+|fc[678])[._/](weight|bias|w|b|0|1)$", re.IGNORECASE)
 
 
 @dataclass
-class LoadedWeights:
+class ImportedWeights:
     state_dict: dict  # torchvision keys, float32 tensors
     format: str  # torchvision | caffe | checkpoint
     source: str  # the file's name, for the model's metadata
@@ -79,15 +77,8 @@ def read_checkpoint_info(path: str) -> ModelInfo:
     json_path = checkpoint_json(path)
     if json_path is None:
         raise UsageError(f"{path}: not one of our checkpoints (those are X.safetensors with X.json beside it)")
-    try:
-        with open(json_path, "rb") as f:
-            text = f.read(MAX_JSON_BYTES + 1)
-        if len(text) > MAX_JSON_BYTES:
-            raise VggOnnxError(f"{json_path}: over {MAX_JSON_BYTES >> 20} MiB, too large for a checkpoint's JSON")
-        document = json.loads(text.decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise VggOnnxError(f"{json_path}: cannot read the checkpoint's JSON ({_one_line(e)})") from None
-    if not isinstance(document, dict) or FORMAT_KEY not in document:
+    document = read_json(json_path)
+    if FORMAT_KEY not in document:
         raise VggOnnxError(f"{json_path}: not a vgg-onnx checkpoint description")
     return ModelInfo.from_json_dict(document, json_path)
 
@@ -346,7 +337,7 @@ def build_model(path: str, state_dict: dict, config: Config, num_classes: int, w
                 crop_size: int, names: dict | None = None) -> VGG:
     """A VGG holding `state_dict`, after checking every name and shape against the config.
 
-    `names` maps keys to the names in the file (LoadedWeights.names), so errors name what the user has."""
+    `names` maps keys to the names in the file (ImportedWeights.names), so errors name what the user has."""
     expected = check_shapes(path, state_dict, config, num_classes, width_mult, crop_size, names)
     with torch.device("meta"):
         model = VGG(config, num_classes, width_mult, crop_size)
@@ -354,7 +345,7 @@ def build_model(path: str, state_dict: dict, config: Config, num_classes: int, w
     return model.eval()
 
 
-def load_weights(path: str, config: str | Config, fmt: str = "auto") -> LoadedWeights:
+def import_weights(path: str, config: str | Config, fmt: str = "auto") -> ImportedWeights:
     """Read `path` in format `fmt` into a torchvision-layout state dict for `config` (names not yet
     checked against shapes: see build_model)."""
     config = parse_config(config) if isinstance(config, str) else config
@@ -382,4 +373,4 @@ def load_weights(path: str, config: str | Config, fmt: str = "auto") -> LoadedWe
     arrays, names = _check_tensors(path, _read_arrays(path, config, fmt))
     arrays, found = _to_torchvision(path, arrays, names, config, fmt)
     kind = "checkpoint" if info is not None else found
-    return LoadedWeights(arrays, kind, os.path.basename(path), sha256, info, names)
+    return ImportedWeights(arrays, kind, os.path.basename(path), sha256, info, names)

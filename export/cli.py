@@ -8,13 +8,12 @@ import json
 import click
 
 from vgg_onnx.configs import describe_configs
-from vgg_onnx.preprocessing import NORMALIZATIONS, parse_scales
-
-WEIGHT_FORMATS = ("auto", "torchvision", "caffe", "checkpoint")
+from vgg_onnx.params import CONFIG, CROP, INIT_METHODS, TRAIN_SCALES, WEIGHT_FORMATS
+from vgg_onnx.preprocessing import NORMALIZATIONS
 
 
 @click.command("export", context_settings={"max_content_width": 100})
-@click.option("--config", "config", metavar="NAME",
+@click.option("--config", "config", type=CONFIG, metavar="NAME",
               help=f"Network configuration (paper Table 1, plus batch-norm variants): {describe_configs()}. "
                    "Required unless --weights is one of our checkpoints, whose JSON names it.")
 @click.option("--weights", type=click.Path(dir_okay=False), metavar="FILE",
@@ -32,10 +31,10 @@ WEIGHT_FORMATS = ("auto", "torchvision", "caffe", "checkpoint")
               help="Number of classes (fc8 outputs). Default: read from the weights, else 1000 (ImageNet-1k).")
 @click.option("--width-mult", type=float, metavar="F",
               help="Channel width multiplier (small, fast test models). Default: read from the weights, else 1.")
-@click.option("--crop", type=int, metavar="PX",
+@click.option("--crop", type=CROP, metavar="PX",
               help="Training crop size, a multiple of 32; fc6 becomes a (crop/32)x(crop/32) conv. "
                    "Default: read from the weights, else 224.")
-@click.option("--train-scale", "train_scale", metavar="S|SMIN,SMAX",
+@click.option("--train-scale", "train_scale", type=TRAIN_SCALES, metavar="S|SMIN,SMAX",
               help="Training scale(s) recorded in the metadata; they set the recommended test scales "
                    "({S-32, S, S+32} or {Smin, mid, Smax}). Default: the checkpoint's, else 256.")
 @click.option("--opset", type=int, default=17, show_default=True, metavar="N",
@@ -43,7 +42,7 @@ WEIGHT_FORMATS = ("auto", "torchvision", "caffe", "checkpoint")
 @click.option("--fp16", is_flag=True,
               help="Store weights and compute convs in fp16 (inputs and outputs stay fp32); half the file size, "
                    "verified against a looser bound.")
-@click.option("--init", type=click.Choice(["gaussian", "glorot"]), default="glorot", show_default=True,
+@click.option("--init", type=click.Choice(INIT_METHODS), default="glorot", show_default=True,
               help="Random initialisation when no --weights: gaussian (std 0.01, the paper's) or glorot.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random initialisation.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), metavar="FILE.onnx",
@@ -59,23 +58,11 @@ def export_command(config, weights, weights_format, normalization, num_classes, 
     Every export ends with a check of ONNX Runtime against torch (FC form at the crop size, conv form at
     two larger sizes, batch 1 and 3); an error over the bound fails the export and writes nothing.
     """
-    # the mistakes a user makes most are caught here, before torch takes seconds to import
-    from vgg_onnx.atomic import check_writable
-    from vgg_onnx.configs import check_crop, parse_config
-    from vgg_onnx.metadata import sidecar_path
-
-    if config is not None:
-        parse_config(config)
-    if crop is not None:
-        check_crop(crop)
-    scales = parse_scales(train_scale) if train_scale else None
-    check_writable(out)
-    check_writable(sidecar_path(out))
-
+    # config, crop and scales were parsed and checked by their click types, before torch is imported
     from vgg_onnx.export.exporter import export_model
 
     export_model(out, config=config, weights=weights, weights_format=weights_format, normalization=normalization,
-                 num_classes=num_classes, width_mult=width_mult, crop=crop, train_scales=scales, opset=opset,
+                 num_classes=num_classes, width_mult=width_mult, crop=crop, train_scales=train_scale, opset=opset,
                  fp16=fp16, init=init, seed=seed, log=lambda m: click.echo(m, err=True))
 
 

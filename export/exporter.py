@@ -23,7 +23,8 @@ from vgg_onnx.errors import UsageError, VggOnnxError
 from vgg_onnx.export.compiler import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, DenseVGG, compile_model, reference_outputs, relative_error
 from vgg_onnx.export.weights import build_model, checkpoint_json, import_weights, infer_dimensions, read_checkpoint_info
 from vgg_onnx.metadata import INPUT_NAME, ModelInfo, sidecar_path
-from vgg_onnx.preprocessing import check_scales, normalization_preset
+from vgg_onnx.params import INIT_METHODS
+from vgg_onnx.preprocessing import check_train_scales, normalization_preset
 from vgg_onnx.train.model import VGG, count_parameters, init_weights
 
 __all__ = ["Check", "ExportPlan", "ExportRequest", "ExportResult", "WeightsFacts", "check_graph_size", "compare",
@@ -167,19 +168,16 @@ def _check_request(request: ExportRequest) -> None:
     """The option values that are wrong in themselves, found before any slow work."""
     if not MIN_OPSET <= request.opset <= MAX_OPSET:
         raise UsageError(f"opset {request.opset} is not supported: choose {MIN_OPSET}..{MAX_OPSET}")
-    if request.crop is not None:
-        check_crop(request.crop)
-    if request.init not in ("gaussian", "glorot"):
-        raise UsageError(f"unknown init {request.init!r}; valid: gaussian, glorot")
+    if request.init not in INIT_METHODS:
+        raise UsageError(f"unknown init {request.init!r}; valid: {', '.join(INIT_METHODS)}")
     if request.normalization is not None:
         normalization_preset(request.normalization)
     if request.width_mult is not None and not 0 < request.width_mult <= 1:
         raise UsageError(f"width multiplier {request.width_mult} must be in (0, 1]")
     if request.num_classes is not None and request.num_classes < 1:
         raise UsageError(f"--classes {request.num_classes} must be at least 1")
-    scales = request.train_scales
-    if scales is not None and (len(scales) not in (1, 2) or (len(scales) == 2 and scales[0] >= scales[1])):
-        raise UsageError(f"--train-scale {','.join(map(str, scales))}: give S or Smin,Smax with Smin < Smax")
+    if request.train_scales is not None:
+        check_train_scales(request.train_scales)
 
 
 def _resolve_config(config: str | None, weights: str | None, weights_format: str) -> Config:
@@ -224,7 +222,7 @@ def plan_export(request: ExportRequest, cfg: Config, facts: WeightsFacts) -> Exp
     check_crop(crop)
     params = check_graph_size(cfg, num_classes, width_mult, crop, request.fp16)
     train_scales = request.train_scales or (list(checkpoint.train_scales) if checkpoint else [max(256, crop)])
-    check_scales(train_scales, crop)
+    check_train_scales(train_scales, crop)
     classes = checkpoint.classes if checkpoint and checkpoint.num_classes == num_classes else default_classes(num_classes)
     info = ModelInfo(cfg.name, classes, _choose_normalization(request.normalization, checkpoint, facts.kind),
                      crop_size=crop, width_mult=width_mult, train_scales=list(train_scales), param_count=params,

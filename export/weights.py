@@ -26,13 +26,13 @@ from vgg_onnx.configs import (DEFAULT_CROP, FC_STATE_KEYS, IMAGENET_CLASSES, NUM
                               scaled_channels)
 from vgg_onnx.errors import UsageError, VggOnnxError
 from vgg_onnx.metadata import FORMAT_KEY, ModelInfo
+from vgg_onnx.params import WEIGHT_FORMATS
 from vgg_onnx.train.checkpoint import WEIGHTS_SUFFIX, json_path_for, read_json
 from vgg_onnx.train.model import VGG
 
-__all__ = ["FORMATS", "ImportedWeights", "build_model", "caffe_to_torchvision", "check_consistency", "check_shapes",
+__all__ = ["ImportedWeights", "build_model", "caffe_to_torchvision", "check_consistency", "check_shapes",
            "checkpoint_json", "detect_format", "file_sha256", "import_weights", "infer_dimensions", "read_checkpoint_info"]
 
-FORMATS = ("auto", "torchvision", "caffe", "checkpoint")
 # deflate shrinks trained float weights by a few percent, zeros by up to 1000:1; more than this
 # ratio is not weights but a zip bomb, refused before it is decompressed
 MAX_NPZ_RATIO = 16
@@ -349,8 +349,8 @@ def import_weights(path: str, config: str | Config, fmt: str = "auto") -> Import
     """Read `path` in format `fmt` into a torchvision-layout state dict for `config` (names not yet
     checked against shapes: see build_model)."""
     config = parse_config(config) if isinstance(config, str) else config
-    if fmt not in FORMATS:
-        raise UsageError(f"unknown weights format {fmt!r}; valid: {', '.join(FORMATS)}")
+    if fmt not in WEIGHT_FORMATS:
+        raise UsageError(f"unknown weights format {fmt!r}; valid: {', '.join(WEIGHT_FORMATS)}")
     if not os.path.exists(path):
         raise UsageError(f"{path}: no such file")
     if os.path.isdir(path):

@@ -8,7 +8,7 @@ import os
 import click
 
 from vgg_onnx.errors import UsageError
-from vgg_onnx.preprocessing import parse_scales
+from vgg_onnx.params import CONFIG, CROP, INIT_METHODS, TRAIN_SCALES
 
 
 def _int_list(text: str | None, option: str) -> list[int] | None:
@@ -24,12 +24,12 @@ def _int_list(text: str | None, option: str) -> list[int] | None:
 
 
 @click.command("train", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--config", required=True, help="Network configuration: A, A-LRN, B, C, D, E (or X-BN).")
+@click.option("--config", required=True, type=CONFIG, help="Network configuration: A, A-LRN, B, C, D, E (or X-BN).")
 @click.option("--data", "data", required=True, metavar="DIR", help="Folder with train/<class>/... and val/<class>/...")
 @click.option("--out", required=True, metavar="RUN_DIR", help="Run folder: checkpoints, stats.json, metrics.jsonl, curves.png.")
-@click.option("--scale", default="256", show_default=True, metavar="S|SMIN,SMAX",
+@click.option("--scale", type=TRAIN_SCALES, default="256", show_default=True, metavar="S|SMIN,SMAX",
               help="Training scale: fixed S, or jittered uniformly in [SMIN, SMAX] per image.")
-@click.option("--crop", default=224, show_default=True, help="Training crop size (a multiple of 32).")
+@click.option("--crop", type=CROP, default=224, show_default=True, help="Training crop size (a multiple of 32).")
 @click.option("--width-mult", default=1.0, show_default=True, help="Channel width multiplier (small nets for tests).")
 @click.option("--batch-size", default=256, show_default=True, help="Global batch, split evenly over the processes.")
 @click.option("--epochs", default=74, show_default=True, help="Stop after this many epochs at the latest.")
@@ -37,7 +37,7 @@ def _int_list(text: str | None, option: str) -> list[int] | None:
 @click.option("--momentum", default=0.9, show_default=True, help="SGD momentum.")
 @click.option("--weight-decay", default=5e-4, show_default=True, help="L2 weight decay (SGD's weight_decay).")
 @click.option("--dropout", default=0.5, show_default=True, help="Dropout on the fc6 and fc7 outputs.")
-@click.option("--init", type=click.Choice(["gaussian", "glorot"]), default="glorot", show_default=True,
+@click.option("--init", type=click.Choice(INIT_METHODS), default="glorot", show_default=True,
               help="Random initialisation: Glorot (trains at every width), or the paper's Gaussian std 0.01 "
                    "(which leaves small nets nothing to learn).")
 @click.option("--init-from", metavar="CKPT", help="Copy layers from a trained checkpoint (RUN_DIR/best.safetensors).")
@@ -72,7 +72,7 @@ def train_command(config, data, out, scale, crop, width_mult, batch_size, epochs
     """
     from .trainer import TrainArgs, train
 
-    args = TrainArgs(config=config, data=data, out=out, scale=parse_scales(scale), crop=crop, width_mult=width_mult,
+    args = TrainArgs(config=config, data=data, out=out, scale=scale, crop=crop, width_mult=width_mult,
                      batch_size=batch_size, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
                      dropout=dropout, init=init, init_from=init_from, lr_patience=lr_patience,
                      milestones=_int_list(milestones, "--milestones"), precision=precision, workers=workers,

@@ -12,6 +12,7 @@ from torch import nn
 
 from vgg_onnx.configs import (DEFAULT_CROP, FC_STATE_KEYS, FC_WIDTH, IMAGENET_CLASSES, LRN_PARAMS, NUM_POOLS,
                               Config, LrnSpec, PoolSpec, check_crop, parse_config, scaled_channels)
+from vgg_onnx.params import INIT_METHODS
 
 
 def make_features(config: Config, width_mult: float = 1.0) -> nn.Sequential:
@@ -81,8 +82,8 @@ def count_parameters(model: nn.Module) -> int:
 
 def init_weights(model: VGG, method: str = "glorot", generator: torch.Generator | None = None) -> VGG:
     """The paper's initialisations: Gaussian std 0.01 (the authors' Caffe solver) or Glorot; biases zero."""
-    if method not in ("gaussian", "glorot"):
-        raise ValueError(f"unknown init {method!r}: gaussian or glorot")
+    if method not in INIT_METHODS:
+        raise ValueError(f"unknown init {method!r}: {' or '.join(INIT_METHODS)}")
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             if method == "gaussian":

@@ -26,7 +26,8 @@ from vgg_onnx.atomic import atomic_write_text, check_writable
 from vgg_onnx.configs import check_crop, parse_config
 from vgg_onnx.errors import UsageError, VggOnnxError
 from vgg_onnx.metadata import ModelInfo
-from vgg_onnx.preprocessing import check_scales, normalization_preset
+from vgg_onnx.params import INIT_METHODS
+from vgg_onnx.preprocessing import check_train_scales, normalization_preset
 
 from . import checkpoint
 from .augment import INIT_STREAM, STEP_STREAM, derived_seed
@@ -116,9 +117,7 @@ def state_from_dict(saved: dict, source: str) -> State:
 def check_args(args: TrainArgs, world: int) -> None:
     parse_config(args.config)
     check_crop(args.crop)
-    if len(args.scale) not in (1, 2) or (len(args.scale) == 2 and args.scale[0] > args.scale[1]):
-        raise UsageError(f"--scale {','.join(map(str, args.scale))}: give S or Smin,Smax with Smin <= Smax")
-    check_scales(args.scale, args.crop)
+    check_train_scales(args.scale, args.crop)
     if args.batch_size < 1 or args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} must be a positive multiple of the process count {world}")
     for name in ("epochs", "lr_patience"):
@@ -126,8 +125,8 @@ def check_args(args: TrainArgs, world: int) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if args.lr <= 0 or args.weight_decay < 0 or not 0 <= args.momentum < 1 or not 0 <= args.dropout < 1:
         raise UsageError("need --lr > 0, --weight-decay >= 0, 0 <= --momentum < 1 and 0 <= --dropout < 1")
-    if args.init not in ("gaussian", "glorot"):
-        raise UsageError(f"--init {args.init!r}: gaussian or glorot")
+    if args.init not in INIT_METHODS:
+        raise UsageError(f"--init {args.init!r}: {' or '.join(INIT_METHODS)}")
     if args.precision not in ("fp32", "bf16"):
         raise UsageError(f"--precision {args.precision!r}: fp32 or bf16")
     if args.width_mult <= 0:

@@ -18,7 +18,7 @@ from .errors import UsageError, VggOnnxError
 
 __all__ = ["CONVENTIONS", "DECODER_MAX_PIXELS", "DEFAULT_MAX_PIXELS", "GRID_SIZE", "IMAGE_EXTENSIONS",
            "IMAGENET_MEAN_RGB", "NORMALIZATIONS", "ImageError", "Normalization", "check_pixel_limit",
-           "check_scales", "crop_boxes", "decode_image", "default_test_scales", "grid_offsets",
+           "check_scales", "check_train_scales", "crop_boxes", "decode_image", "default_test_scales", "grid_offsets",
            "image_size_from_header", "load_image", "MAX_FILE_BYTES", "mirror", "normalization_preset", "parse_scales",
            "read_image_file", "rescale", "rescaled_size"]
 
@@ -108,10 +108,19 @@ def parse_scales(text: str) -> list[int]:
 
 
 def check_scales(scales: list[int], crop: int) -> list[int]:
+    """Scales (training S or test Q) none of which is below the crop size."""
     small = [s for s in scales if s < crop]
     if small:
         raise UsageError(f"scale {small[0]} is smaller than the model's crop size {crop}")
     return scales
+
+
+def check_train_scales(scales: list[int], crop: int | None = None) -> list[int]:
+    """Training scales, the one rule for train and export: [S] (single-scale) or [Smin, Smax] with
+    Smin < Smax (scale jittering), none below the crop size when it is given."""
+    if len(scales) not in (1, 2) or (len(scales) == 2 and scales[0] >= scales[1]):
+        raise UsageError(f"training scales {','.join(map(str, scales))}: give S, or Smin,Smax with Smin < Smax")
+    return scales if crop is None else check_scales(scales, crop)
 
 
 # --- normalisation presets ----------------------------------------------------------------

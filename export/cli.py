@@ -8,8 +8,8 @@ import json
 import click
 
 from vgg_onnx.configs import describe_configs
+from vgg_onnx.normalization import NORMALIZATIONS
 from vgg_onnx.params import CONFIG, CROP, INIT_METHODS, TRAIN_SCALES, WEIGHT_FORMATS
-from vgg_onnx.preprocessing import NORMALIZATIONS
 
 
 @click.command("export", context_settings={"max_content_width": 100})

@@ -21,7 +21,7 @@ from torch import nn
 
 from vgg_onnx.configs import FC_STATE_KEYS, LRN_PARAMS, ConvSpec, LrnSpec, PoolSpec, fc_layers
 from vgg_onnx.metadata import INPUT_NAME, PROBS_NAME, SCORES_NAME, ModelInfo
-from vgg_onnx.preprocessing import Normalization
+from vgg_onnx.normalization import Normalization
 from vgg_onnx.train.model import VGG
 
 __all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "DenseVGG", "build_graph", "compile_model", "linear_to_conv",

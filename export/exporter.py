@@ -23,8 +23,9 @@ from vgg_onnx.errors import UsageError, VggOnnxError
 from vgg_onnx.export.compiler import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, DenseVGG, compile_model, reference_outputs, relative_error
 from vgg_onnx.export.weights import build_model, checkpoint_json, import_weights, infer_dimensions, read_checkpoint_info
 from vgg_onnx.metadata import INPUT_NAME, ModelInfo, sidecar_path
+from vgg_onnx.normalization import normalization_preset
 from vgg_onnx.params import INIT_METHODS
-from vgg_onnx.preprocessing import check_train_scales, normalization_preset
+from vgg_onnx.scales import check_train_scales
 from vgg_onnx.train.model import VGG, count_parameters, init_weights
 
 __all__ = ["Check", "ExportPlan", "ExportRequest", "ExportResult", "WeightsFacts", "check_graph_size", "compare",

@@ -18,9 +18,9 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from vgg_onnx.classes import ClassInfo
-from vgg_onnx.errors import VggOnnxError
+from vgg_onnx.decoding import DEFAULT_MAX_PIXELS
+from vgg_onnx.errors import ImageError, VggOnnxError
 from vgg_onnx.metadata import ModelInfo
-from vgg_onnx.preprocessing import DEFAULT_MAX_PIXELS, ImageError
 
 from .evaluate import DEFAULT_BATCH_SIZE, Evaluator, ImageResult, check_same_classes, top_k
 from .inputs import ImageInput

@@ -18,9 +18,10 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from vgg_onnx.errors import UsageError
+from vgg_onnx.decoding import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
+from vgg_onnx.errors import ImageError, UsageError
 from vgg_onnx.metadata import PROBS_NAME, SCORES_NAME
-from vgg_onnx.preprocessing import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, check_scales, rescale
+from vgg_onnx.scales import check_scales, rescale
 
 from .flops import dense_flops
 from .inputs import ImageInput, source_label, to_rgb

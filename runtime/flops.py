@@ -73,7 +73,7 @@ def image_flops(info: ModelInfo, method: str, scales: list[int], flip: bool = Tr
                 size: tuple[int, int] = TYPICAL_SIZE) -> int:
     """FLOPs one image of `size` (width, height) costs this model under a method of the protocol:
     per scale the dense image (and mirror) and/or the 5x5 crops (and mirrors)."""
-    from vgg_onnx.preprocessing import rescaled_size
+    from vgg_onnx.scales import rescaled_size
 
     views = 2 if flip else 1
     total = 0

@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 from collections import Counter
 
+from vgg_onnx.decoding import IMAGE_EXTENSIONS
 from vgg_onnx.errors import UsageError
-from vgg_onnx.preprocessing import IMAGE_EXTENSIONS
 
 
 def class_resolver(classes):

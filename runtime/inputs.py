@@ -12,7 +12,8 @@ from typing import Union
 
 import numpy as np
 
-from vgg_onnx.preprocessing import DEFAULT_MAX_PIXELS, ImageError, decode_image, load_image
+from vgg_onnx.decoding import DEFAULT_MAX_PIXELS, decode_image, load_image
+from vgg_onnx.errors import ImageError
 
 __all__ = ["ImageInput", "to_rgb", "source_label"]
 

@@ -9,8 +9,9 @@ import sys
 
 import click
 
+from vgg_onnx.decoding import DEFAULT_MAX_PIXELS
 from vgg_onnx.errors import UsageError
-from vgg_onnx.preprocessing import DEFAULT_MAX_PIXELS, parse_scales
+from vgg_onnx.scales import parse_scales
 
 from .evaluate import DEFAULT_BATCH_SIZE, Evaluator, configure_opencv_threads, load_sessions
 from .flops import format_flops, image_flops

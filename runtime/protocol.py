@@ -23,7 +23,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from vgg_onnx.preprocessing import DEFAULT_MAX_PIXELS, crop_boxes, mirror, rescale
+from vgg_onnx.decoding import DEFAULT_MAX_PIXELS
+from vgg_onnx.scales import crop_boxes, mirror, rescale
 
 __all__ = ["METHODS", "Network", "dense_views", "crop_views", "view_posterior", "dense_posterior",
            "multi_crop_posterior", "multi_scale_posterior", "combine_dense_multi_crop", "fuse_posteriors",

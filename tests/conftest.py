@@ -23,7 +23,7 @@ def export_small_model(path: Path, config: str = "A", num_classes: int = 10, wid
     from vgg_onnx.classes import default_classes
     from vgg_onnx.export.compiler import compile_model
     from vgg_onnx.metadata import ModelInfo
-    from vgg_onnx.preprocessing import normalization_preset
+    from vgg_onnx.normalization import normalization_preset
     from vgg_onnx.train.model import VGG, count_parameters, init_weights
 
     torch.manual_seed(seed)

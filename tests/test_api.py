@@ -98,7 +98,7 @@ def test_result_carries_the_class_metadata(model, small_model):
 def test_the_scheduler_reproduces_the_unbatched_protocol(model, small_model):
     import onnxruntime as ort
 
-    from vgg_onnx.preprocessing import load_image
+    from vgg_onnx.decoding import load_image
 
     session = ort.InferenceSession(str(small_model), providers=["CPUExecutionProvider"])
     network = lambda batch: session.run(["probs"], {"image": batch})[0]  # noqa: E731

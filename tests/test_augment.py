@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vgg_onnx.preprocessing import rescale, rescaled_size
+from vgg_onnx.scales import rescale, rescaled_size
 from vgg_onnx.train.augment import PCA, SAMPLE_STREAM, augment, centre_crop, draw, generator
 
 # a PCA with well-separated, known eigen pairs (an orthonormal basis, not the identity)
@@ -87,7 +87,7 @@ def test_samples_do_not_depend_on_workers_or_processes(tmp_path):
     import torch
 
     from test_train_data import make_dataset
-    from vgg_onnx.preprocessing import normalization_preset
+    from vgg_onnx.normalization import normalization_preset
     from vgg_onnx.train.data import EpochBatches, TrainDataset, scan_data
 
     data = make_dataset(tmp_path / "d", train_per_class=6, val_per_class=1, sizes=[(48, 48), (64, 40), (40, 56)])

@@ -13,8 +13,9 @@ from click.testing import CliRunner
 
 from vgg_onnx.classes import ClassInfo, imagenet_classes
 from vgg_onnx.cli import main
+from vgg_onnx.decoding import load_image
 from vgg_onnx.errors import UsageError
-from vgg_onnx.preprocessing import load_image, rescale
+from vgg_onnx.scales import rescale
 from vgg_onnx.runtime.imagefolder import class_resolver, labelled_images, limit_round_robin
 
 

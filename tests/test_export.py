@@ -21,7 +21,7 @@ from vgg_onnx.export.exporter import export_model
 from vgg_onnx.configs import score_map_size
 from vgg_onnx.export.flops import conv_flops
 from vgg_onnx.metadata import ModelInfo, sidecar_path
-from vgg_onnx.preprocessing import IMAGENET_MEAN_RGB
+from vgg_onnx.normalization import IMAGENET_MEAN_RGB
 from vgg_onnx.train.model import VGG, init_weights
 
 SMALL = dict(width_mult=0.125, crop=64, num_classes=10)
@@ -94,7 +94,7 @@ def test_weights_inside_the_graph_are_the_files(tmp_path):
     torch.save(model.state_dict(), weights)
     export_model(tmp_path / "m.onnx", "A", str(weights), log=quiet)
     image = torch.rand(2, 3, 64, 64) * 255
-    from vgg_onnx.preprocessing import normalization_preset
+    from vgg_onnx.normalization import normalization_preset
 
     expected = torch.softmax(model(((image - torch.tensor(normalization_preset("torchvision").mean_rgb).view(1, 3, 1, 1))
                                     / torch.tensor(normalization_preset("torchvision").std_rgb).view(1, 3, 1, 1))), 1)
@@ -132,7 +132,7 @@ def test_checkpoint_defaults_come_from_its_json(tmp_path):
     from safetensors.torch import save_file
 
     from vgg_onnx.classes import ClassInfo
-    from vgg_onnx.preprocessing import normalization_preset
+    from vgg_onnx.normalization import normalization_preset
 
     model = small_model()
     save_file(model.state_dict(), str(tmp_path / "best.safetensors"))
@@ -166,7 +166,7 @@ def test_emitted_graph_is_already_minimal(config):
     constant nodes, every initializer read by a node, and each tensor named once (docs/export.md)."""
     from vgg_onnx.classes import default_classes
     from vgg_onnx.export.compiler import compile_model
-    from vgg_onnx.preprocessing import normalization_preset
+    from vgg_onnx.normalization import normalization_preset
 
     model = init_weights(VGG(config, 10, 0.125, 64), "glorot").eval()
     info = ModelInfo(config, default_classes(10), normalization_preset("torchvision"), crop_size=64, width_mult=0.125,
@@ -219,7 +219,7 @@ def test_failed_verification_writes_nothing(tmp_path, monkeypatch):
 def test_flops_follow_the_graph(small_model):
     """FLOPs counted from the ONNX graph equal those counted by hooks on the torch convs."""
     from vgg_onnx.export.compiler import DenseVGG
-    from vgg_onnx.preprocessing import normalization_preset
+    from vgg_onnx.normalization import normalization_preset
 
     dense = DenseVGG(VGG("A", 10, 0.125, 64), normalization_preset("paper"))  # the fixture's architecture
     counted = []

@@ -18,7 +18,7 @@ import pytest
 from conftest import PYTHON, REPO, SAMPLES
 
 from vgg_onnx.errors import UsageError
-from vgg_onnx.preprocessing import parse_scales
+from vgg_onnx.scales import parse_scales
 
 # the extra the README tells CPU-only users to install
 CPU_EXTRA = "runtime-cpu"

@@ -22,9 +22,8 @@ import pytest
 from conftest import PYTHON, REPO
 from vgg_onnx import atomic
 from vgg_onnx.atomic import atomic_path, atomic_paths, atomic_write_text, check_writable, remove_stale_temps
-from vgg_onnx.errors import UsageError, VggOnnxError
-from vgg_onnx.preprocessing import (DEFAULT_MAX_PIXELS, ImageError, decode_image, image_size_from_header, load_image,
-                                    MAX_FILE_BYTES)
+from vgg_onnx.decoding import DEFAULT_MAX_PIXELS, decode_image, image_size_from_header, load_image, MAX_FILE_BYTES
+from vgg_onnx.errors import ImageError, UsageError, VggOnnxError
 
 SMALL = dict(width_mult=0.125, crop=64, num_classes=10)
 
@@ -155,12 +154,12 @@ def test_tiff_size_tags_of_a_type_libtiff_may_read_differently_are_refused():
 
 def test_opencv_pixel_limit_is_the_backstop_and_its_log_lines_stay_quiet():
     # with the header check out of the way, OpenCV itself refuses the 30000x30000 TIFF before
-    # allocating it (its limit is set when vgg_onnx.preprocessing is imported), and says nothing
+    # allocating it (its limit is set when vgg_onnx.decoding is imported), and says nothing
     data = forged_tiff(used=(30000, 30000), declared_later=(50, 50), with_pixels=False)
     code = f"""
 import resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))  # 30000x30000x3 would not fit
-from vgg_onnx import preprocessing as p
+from vgg_onnx import decoding as p
 p.image_size_from_header = lambda data: (50, 50)
 try:
     p.decode_image({bytes(data)!r}, max_pixels=5000)
@@ -327,7 +326,7 @@ def checkpoint(tmp_path_factory):
 
     from vgg_onnx.classes import default_classes
     from vgg_onnx.metadata import ModelInfo
-    from vgg_onnx.preprocessing import normalization_preset
+    from vgg_onnx.normalization import normalization_preset
     from vgg_onnx.train.model import VGG, init_weights
 
     folder = tmp_path_factory.mktemp("ckpt")

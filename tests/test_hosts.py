@@ -150,7 +150,8 @@ def test_default_scales_come_from_metadata(host, small_model):
 
 
 def preprocessed(path, q: int) -> np.ndarray:
-    from vgg_onnx.preprocessing import load_image, rescale
+    from vgg_onnx.decoding import load_image
+    from vgg_onnx.scales import rescale
 
     return rescale(load_image(path), q).transpose(2, 0, 1)[None].astype(np.float32)
 
@@ -164,7 +165,7 @@ def onnxruntime_outputs(model, tensor: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 @pytest.mark.parametrize("image, q", [("chelsea.png", 96), ("camera.png", 128), ("rocket.jpg", 64)])
 def test_identical_tensor_gives_identical_outputs(host, small_model, tmp_path, image, q):
-    from vgg_onnx.preprocessing import mirror
+    from vgg_onnx.scales import mirror
 
     tensor = preprocessed(SAMPLES / image, q)
     if host[0].endswith("node"):  # onnxruntime-node takes a batch; OpenCV 4.6 runs batch 1 only

@@ -7,7 +7,7 @@ import torch
 
 from vgg_onnx.export.compiler import DenseVGG, reference_outputs, relative_error
 from vgg_onnx.configs import fc_layers, score_map_size
-from vgg_onnx.preprocessing import normalization_preset
+from vgg_onnx.normalization import normalization_preset
 from vgg_onnx.train.model import VGG, init_weights
 
 

@@ -30,6 +30,7 @@ def run_without_torch(code: str) -> subprocess.CompletedProcess:
 def test_core_and_runtime_import_without_torch():
     result = run_without_torch("""
         import vgg_onnx, vgg_onnx.preprocessing, vgg_onnx.metadata, vgg_onnx.cli, vgg_onnx.configs, vgg_onnx.classes
+        import vgg_onnx.decoding, vgg_onnx.scales, vgg_onnx.normalization, vgg_onnx.params
         import vgg_onnx.runtime
         import vgg_onnx.export.flops, vgg_onnx.export.inspect, vgg_onnx.export.cli
         try:

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from vgg_onnx.errors import UsageError
-from vgg_onnx.preprocessing import (ImageError, check_scales, crop_boxes, decode_image, default_test_scales,
-                                    grid_offsets, image_size_from_header, load_image, mirror, parse_scales,
-                                    rescale, rescaled_size)
+from vgg_onnx.decoding import decode_image, image_size_from_header, load_image
+from vgg_onnx.errors import ImageError, UsageError
+from vgg_onnx.scales import (check_scales, crop_boxes, default_test_scales, grid_offsets, mirror, parse_scales,
+                             rescale, rescaled_size)
 
 
 def encode(image: np.ndarray, fmt: str = "PNG", **kwargs) -> bytes:

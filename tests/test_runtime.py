@@ -12,9 +12,10 @@ import onnxruntime as ort
 import pytest
 
 from conftest import SAMPLES, export_small_model
+from vgg_onnx.decoding import load_image
 from vgg_onnx.errors import UsageError, VggOnnxError
-from vgg_onnx.preprocessing import load_image, rescale
 from vgg_onnx.runtime import session as session_module
+from vgg_onnx.scales import rescale
 from vgg_onnx.runtime.evaluate import Evaluator, collect_images, top_k
 from vgg_onnx.runtime.flops import dense_flops
 from vgg_onnx.runtime.matmul import MATMUL_ONNX, matmul_peak
@@ -246,7 +247,7 @@ def test_dense_flops_known_values_and_the_graph(small_model):
     from vgg_onnx.export.flops import conv_flops  # counts from the graph itself: an independent check
     from vgg_onnx.metadata import ModelInfo
     from vgg_onnx.classes import default_classes
-    from vgg_onnx.preprocessing import normalization_preset
+    from vgg_onnx.normalization import normalization_preset
 
     vgg16 = ModelInfo("D", default_classes(1000), normalization_preset("paper"))
     assert dense_flops(vgg16, 224, 224) == 2 * 15_470_264_320  # VGG-16's well-known 15.47 G multiply-adds

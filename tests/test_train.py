@@ -86,7 +86,8 @@ def test_checkpoint_export_runtime_round_trip(trained, shapes):
 
     from vgg_onnx.export.compiler import compile_model, relative_error
     from vgg_onnx.metadata import ModelInfo
-    from vgg_onnx.preprocessing import load_image, rescale
+    from vgg_onnx.decoding import load_image
+    from vgg_onnx.scales import rescale
     from vgg_onnx.train.augment import centre_crop
     from vgg_onnx.train.data import to_tensor
     from vgg_onnx.train.model import VGG

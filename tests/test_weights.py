@@ -103,7 +103,7 @@ def test_build_model_checks_every_shape(tmp_path):
 def test_checkpoint_with_json(tmp_path):
     from vgg_onnx.classes import default_classes
     from vgg_onnx.metadata import ModelInfo
-    from vgg_onnx.preprocessing import normalization_preset
+    from vgg_onnx.normalization import normalization_preset
 
     model = small()
     path = tmp_path / "best.safetensors"

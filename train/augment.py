@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vgg_onnx.preprocessing import ImageError, mirror, rescale, rescaled_size
+from vgg_onnx.errors import ImageError
+from vgg_onnx.scales import mirror, rescale, rescaled_size
 
 # Stream tags keep the generators of different purposes apart for equal (seed, epoch, i).
 SAMPLE_STREAM = 1

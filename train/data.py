@@ -1,6 +1,6 @@
 """ImageFolder splits, the training and validation datasets, and the training set's colour statistics.
 
-Decoding and rescaling are the runtime's own (vgg_onnx.preprocessing), so training and
+Decoding and rescaling are the runtime's own (vgg_onnx.decoding, vgg_onnx.scales), so training and
 inference see identical pixels; only the random augmentation lives here (train/augment.py).
 """
 
@@ -17,8 +17,9 @@ from tqdm import tqdm
 
 from vgg_onnx.atomic import atomic_write_text
 from vgg_onnx.classes import ClassInfo, classes_from_folders
-from vgg_onnx.errors import UsageError, VggOnnxError
-from vgg_onnx.preprocessing import IMAGE_EXTENSIONS, ImageError, Normalization, load_image
+from vgg_onnx.decoding import IMAGE_EXTENSIONS, load_image
+from vgg_onnx.errors import ImageError, UsageError, VggOnnxError
+from vgg_onnx.normalization import Normalization
 
 from .augment import PCA, SAMPLE_STREAM, SHUFFLE_STREAM, augment, centre_crop, generator
 

@@ -26,8 +26,9 @@ from vgg_onnx.atomic import atomic_write_text, check_writable
 from vgg_onnx.configs import check_crop, parse_config
 from vgg_onnx.errors import UsageError, VggOnnxError
 from vgg_onnx.metadata import ModelInfo
+from vgg_onnx.normalization import normalization_preset
 from vgg_onnx.params import INIT_METHODS
-from vgg_onnx.preprocessing import check_train_scales, normalization_preset
+from vgg_onnx.scales import check_train_scales
 
 from . import checkpoint
 from .augment import INIT_STREAM, STEP_STREAM, derived_seed

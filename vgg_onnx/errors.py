@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["OutputWriteError", "UsageError", "VggOnnxError"]
+__all__ = ["ImageError", "OutputWriteError", "UsageError", "VggOnnxError"]
 
 
 class VggOnnxError(Exception):
@@ -15,6 +15,10 @@ class UsageError(VggOnnxError):
     """The command was called wrongly (bad option value, unwritable output...). Exit 2."""
 
     exit_code = 2
+
+
+class ImageError(VggOnnxError):
+    """An image that cannot be used; the message names the problem, the caller adds the path."""
 
 
 class OutputWriteError(VggOnnxError, OSError):

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from . import __version__
 from .classes import ClassInfo, classes_from_dicts
 from .errors import VggOnnxError
-from .preprocessing import CONVENTIONS, Normalization, default_test_scales
+from .normalization import Normalization
+from .preprocessing import CONVENTIONS
+from .scales import default_test_scales
 
 __all__ = ["FORMAT_KEY", "FORMAT_VERSION", "INPUT_NAME", "ModelInfo", "PROBS_NAME", "SCORES_NAME", "sidecar_path"]
 

@@ -12,7 +12,7 @@ import click
 
 from .configs import Config, check_crop, parse_config
 from .errors import UsageError
-from .preprocessing import check_train_scales, parse_scales
+from .scales import check_train_scales, parse_scales
 
 __all__ = ["CONFIG", "CROP", "INIT_METHODS", "TRAIN_SCALES", "WEIGHT_FORMATS", "ConfigType", "CropType",
            "TrainScalesType"]

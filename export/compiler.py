@@ -120,18 +120,29 @@ def _graph_layers(dense: DenseVGG):
 
 
 class _GraphBuilder:
-    """Nodes and initializers of one graph, appended in order along VGG's chain."""
+    """Nodes and weights of one graph, appended in order along VGG's chain. The weights stay numpy
+    arrays (views of the torch tensors where the dtype allows) until `attach_weights` writes them
+    into the finished model: onnx.helper copies a graph into its model, and copying hundreds of MB
+    of initializers would double the peak memory."""
 
     def __init__(self, weight_dtype):
-        from onnx import numpy_helper
-
-        self.nodes, self.initializers, self.weight_dtype = [], [], weight_dtype
-        self._from_array = numpy_helper.from_array
+        self.nodes, self.weights, self.weight_dtype = [], {}, weight_dtype
 
     def constant(self, name: str, array, dtype=None) -> str:
-        array = np.ascontiguousarray(array, dtype=dtype or self.weight_dtype)
-        self.initializers.append(self._from_array(array, name))
+        self.weights[name] = np.ascontiguousarray(array, dtype=dtype or self.weight_dtype)
         return name
+
+    def attach_weights(self, graph_proto) -> None:
+        """Each weight as an initializer of `graph_proto`, released here as soon as it is written."""
+        from onnx import helper
+
+        for name in list(self.weights):
+            array = self.weights.pop(name)
+            tensor = graph_proto.initializer.add()
+            tensor.name = name
+            tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+            tensor.dims.extend(array.shape)
+            tensor.raw_data = array.tobytes()  # little-endian on every machine onnxruntime supports
 
     def node(self, op: str, inputs: list[str], output: str, name: str, **attributes) -> str:
         from onnx import helper
@@ -199,8 +210,7 @@ def build_graph(dense: DenseVGG, info: ModelInfo, opset: int = DEFAULT_OPSET):
         graph.nodes, f"vgg_{info.config}",
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", 3, "H", "W"])],
         [helper.make_tensor_value_info(SCORES_NAME, TensorProto.FLOAT, ["N", classes, "h", "w"]),
-         helper.make_tensor_value_info(PROBS_NAME, TensorProto.FLOAT, ["N", classes])],
-        graph.initializers)
+         helper.make_tensor_value_info(PROBS_NAME, TensorProto.FLOAT, ["N", classes])])
     opset_id = helper.make_opsetid("", opset)
     proto = helper.make_model(onnx_graph, opset_imports=[opset_id], producer_name="vgg-onnx",
                               producer_version=info.version)
@@ -210,6 +220,7 @@ def build_graph(dense: DenseVGG, info: ModelInfo, opset: int = DEFAULT_OPSET):
                         f"float32 Nx3xHxW RGB 0..255; outputs '{SCORES_NAME}' (score map) and '{PROBS_NAME}'.")
     for key, value in info.to_metadata_props().items():
         proto.metadata_props.add(key=key, value=value)
+    graph.attach_weights(proto.graph)
     return proto
 
 

@@ -298,13 +298,16 @@ def export_model(out: str, config: str | None = None, weights: str | None = None
     facts, imported = _read_weights(request, cfg, log)
     plan = plan_export(request, cfg, facts)
     _log_plan(plan, log)
-    model = _build_model(plan, imported)
+    # handed over in a list, so that the only reference to the weights goes with it (see below)
+    model = [_build_model(plan, imported)]
     del imported
     return _compile_and_write(plan, model, start, log)
 
 
-def _compile_and_write(plan: ExportPlan, model: VGG, start: float, log) -> ExportResult:
-    """Compile the plan's net, run the torch references, then write and verify (see _write_verified)."""
+def _compile_and_write(plan: ExportPlan, holder: list, start: float, log) -> ExportResult:
+    """Compile the plan's net (`holder` holds it; emptied), run the torch references, then write
+    and verify (see _write_verified)."""
+    model = holder.pop()
     opset = plan.request.opset
     log(f"vgg-onnx export: compiling (opset {opset}, {'fp16 weights' if plan.fp16 else 'fp32'})")
     proto, dense = compile_model(model, plan.info, opset, check=False)

@@ -121,6 +121,9 @@ def check_model(model: str) -> None:
 def make_server(model: str, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
     """A server for the page and `model`, bound but not yet serving (port 0: any free port)."""
     check_model(model)
+    if not (PAGE_DIR / "index.html").is_file():  # a wheel holds the Python package only
+        raise UsageError(f"the page is not installed ({PAGE_DIR / 'index.html'} is missing): "
+                         "vgg-onnx web runs from a source checkout")
     if not (ORT_DIST / "ort.wasm.min.mjs").is_file():
         raise UsageError("onnxruntime-web is not installed: make host-deps "
                          "(or: cd runtime/web && npm install --ignore-scripts)")

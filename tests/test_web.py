@@ -9,6 +9,7 @@ set), where that fails: `make host-deps` installs them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ import pytest
 
 from conftest import REPO, SAMPLES
 from hostile_corpus import IMAGE_CASES
-from test_hosts import assert_same_top5, python_infer, unavailable
+from test_hosts import assert_same_top5, python_infer, unavailable, without_metadata
 
 WEB = REPO / "runtime" / "web"
 CHROMIUM = os.environ.get("VGG_ONNX_CHROMIUM", "/usr/bin/chromium")
@@ -45,10 +46,10 @@ def drive() -> list[str]:
     return [node, str(WEB / "drive.mjs")]
 
 
-@pytest.fixture(scope="session")
-def page_url(small_model):
-    """`vgg-onnx web` serving the small model on a free port of 127.0.0.1."""
-    server = subprocess.Popen([sys.executable, "-m", "vgg_onnx", "web", "--model", str(small_model), "--port", "0"],
+@contextlib.contextmanager
+def serving(model: Path):
+    """`vgg-onnx web` serving `model` on a free port of 127.0.0.1: its URL."""
+    server = subprocess.Popen([sys.executable, "-m", "vgg_onnx", "web", "--model", str(model), "--port", "0"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = server.stdout.readline()
@@ -59,6 +60,12 @@ def page_url(small_model):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def page_url(small_model):
+    with serving(small_model) as url:
+        yield url
 
 
 def run_page(drive: list[str], url: str, images: list, *options) -> tuple[dict, subprocess.CompletedProcess]:
@@ -99,6 +106,26 @@ def test_bad_files_show_one_line_and_the_page_goes_on(drive, page_url, small_mod
         assert message.startswith(f"{path.name}: ") and "\n" not in message, (case.name, message)
         assert case.fragment.lower() in message.lower(), (case.name, message)
     assert "top_k" in records[-1], records[-1]
+
+
+@pytest.mark.parametrize("sidecar", [True, False], ids=["sidecar", "no-metadata"])
+def test_page_reads_the_sidecar_or_says_the_model_has_no_metadata(drive, small_model, tmp_path, sidecar):
+    import onnx
+
+    from vgg_onnx.metadata import ModelInfo, sidecar_path
+
+    bare = without_metadata(small_model, tmp_path)
+    if sidecar:
+        info = ModelInfo.from_metadata_props({p.key: p.value for p in onnx.load(str(small_model)).metadata_props})
+        Path(sidecar_path(str(bare))).write_text(json.dumps(info.to_json_dict()))
+    with serving(bare) as url:
+        page, result = run_page(drive, url, [SAMPLES / "rocket.jpg"])
+    if sidecar:
+        assert result.returncode == 0, result.stderr
+        assert page["records"][0]["scales"] == [64, 96, 128]
+    else:
+        assert result.returncode == 1
+        assert page == {"error": "model.onnx: no vgg-onnx metadata (not exported by vgg-onnx export)"}
 
 
 def test_server_serves_the_page_isolated_and_nothing_else(page_url, small_model):

@@ -36,6 +36,7 @@ async function download(url, label) {
   const response = await fetch(url);
   if (!response.ok) throw new Error(`${url}: cannot read: HTTP ${response.status}`);
   const total = Number(response.headers.get('Content-Length')) || 0;
+  if (!total) return new Uint8Array(await response.arrayBuffer()); // length unknown: no progress to show
   if (total > core.MAX_MODEL_BYTES) throw new Error(`${url}: file of ${total} bytes exceeds the size limit of ${core.MAX_MODEL_BYTES} bytes`);
   const bytes = new Uint8Array(total), reader = response.body.getReader();
   let done = 0;

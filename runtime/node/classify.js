@@ -125,13 +125,13 @@ async function loadRgb(path, { maxPixels = DEFAULT_MAX_PIXELS, scales = [] } = {
 
 // ---- dense evaluation ----------------------------------------------------------------------
 
-function toTensor(image, flip) {
-  const { data, dims } = core.toTensorData(image, flip);
-  return new ort.Tensor('float32', data, dims);
-}
+// Network input in vgg-core's layout (N x 3 x H x W, the mirror image second) as an ort.Tensor.
+const asTensor = ({ data, dims }) => new ort.Tensor('float32', data, dims);
+const toTensor = (image, flip) => asTensor(core.toTensorData(image, flip));
 
+// Posteriors over the classes: vgg-core's averaging over the views and the scales.
 async function classify(session, image, scales, flip, numClasses) {
-  const runViews = async ({ data, dims }) => (await session.run({ image: new ort.Tensor('float32', data, dims) }, ['probs'])).probs;
+  const runViews = async (input) => (await session.run({ image: asTensor(input) }, ['probs'])).probs;
   return core.denseEvaluate(runViews, image, { scales, flip, numClasses });
 }
 

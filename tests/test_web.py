@@ -150,3 +150,10 @@ def test_web_command_refuses_a_bad_model_in_one_line(args, message):
     assert result.returncode == 2
     assert result.stderr.strip() == f"vgg-onnx: error: {message}"
     assert not result.stdout
+
+
+def test_web_command_imports_no_torch():
+    code = ("import sys; import vgg_onnx.runtime.webserver; "
+            "assert 'torch' not in sys.modules, 'the web server imported torch'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr

@@ -23,6 +23,7 @@ COMMANDS = {
     "train": ("vgg_onnx.train.cli", "train_command", "Train a VGG net with the paper's recipe (one process or torchrun)."),
     "stats": ("vgg_onnx.train.cli", "stats_command", "Compute a training set's mean RGB and PCA colour statistics."),
     "plot": ("vgg_onnx.train.cli", "plot_command", "Draw a training run's loss and error curves to curves.png."),
+    "web": ("vgg_onnx.runtime.webserver", "web_command", "Serve a web page that classifies images in the browser (onnxruntime-web)."),
 }
 
 

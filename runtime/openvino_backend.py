@@ -19,7 +19,7 @@ from vgg_onnx.metadata import INPUT_NAME, PROBS_NAME, ModelInfo
 
 from .session import available_cpus, check_interface, check_metadata, check_threads
 
-__all__ = ["OPENVINO_PRECISIONS", "OpenVinoSession", "openvino_precision"]
+__all__ = ["OPENVINO_PRECISIONS", "OpenVinoSession", "cpu_has_bf16", "openvino_precision"]
 
 OPENVINO_PRECISIONS = ("auto", "f32", "bf16")
 _announced: set[str] = set()  # the precision chosen is said once per process
@@ -34,12 +34,18 @@ def _openvino():
     return openvino
 
 
+def cpu_has_bf16(core=None) -> bool:
+    """Whether OpenVINO's CPU plugin computes bf16 natively here (AVX-512 BF16 or AMX)."""
+    core = core or _openvino().Core()
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 def openvino_precision(core, precision: str = "auto") -> str:
     """"bf16" or "f32": `auto` is bf16 where the CPU computes it natively (AVX-512 BF16, AMX),
     else f32, and says so on stderr once."""
     if precision not in OPENVINO_PRECISIONS:
         raise UsageError(f"unknown OpenVINO precision {precision!r}; valid: {', '.join(OPENVINO_PRECISIONS)}")
-    has_bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    has_bf16 = cpu_has_bf16(core)
     if precision == "bf16" and not has_bf16:
         raise UsageError("this CPU has no native bf16: use the openvino backend in f32")
     chosen = precision if precision != "auto" else ("bf16" if has_bf16 else "f32")

@@ -46,7 +46,8 @@ def posteriors(session, photos: list[Path], method: str) -> np.ndarray:
 def test_openvino_f32_posteriors_equal_onnx_runtime(openvino_session_class, small_model, photos, method):
     reference = posteriors(ModelSession(small_model, "cpu"), photos, method)
     openvino = openvino_session_class(small_model, precision="f32")
-    assert openvino.provider == "openvino-f32" and openvino.info.classes == ModelSession(small_model, "cpu").info.classes
+    assert openvino.provider == "openvino-f32"
+    assert openvino.info.classes == ModelSession(small_model, "cpu").info.classes
     assert np.abs(posteriors(openvino, photos, method) - reference).max() < F32_TOLERANCE
 
 

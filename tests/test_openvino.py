@@ -4,14 +4,11 @@ equal to ONNX Runtime's, int8 graphs too, and one line naming the extra when it 
 from __future__ import annotations
 
 import json
-import subprocess
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PYTHON
-from test_quantize import error_line, run_cli, write_images
+from test_quantize import error_line, run_cli, run_hiding, write_images
 
 from vgg_onnx.preprocessing import load_image
 from vgg_onnx.runtime.protocol import classify_image
@@ -81,21 +78,6 @@ def test_a_gpu_provider_with_openvino_is_a_usage_error(small_model, photos):
 
 
 def test_a_missing_openvino_names_the_extra(small_model, photos, tmp_path):
-    code = textwrap.dedent(f"""
-        import importlib.abc, sys
-
-        class Hide(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "openvino":
-                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
-                return None
-
-        sys.meta_path.insert(0, Hide())
-        from vgg_onnx.cli import main
-        sys.argv = ["vgg-onnx", "infer", {str(photos[0])!r}, "--model", {str(small_model)!r},
-                    "--backend", "openvino"]
-        main()
-    """)
-    result = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    result = run_hiding("openvino", "infer", photos[0], "--model", small_model, "--backend", "openvino", cwd=tmp_path)
     line = error_line(result, 2)
     assert "needs the openvino extra: pip install '.[openvino]'" in line and "openvino is not installed" in line

@@ -150,23 +150,30 @@ def test_usage_mistakes_exit_2_with_one_line(small_model, images, tmp_path, args
     assert small_model.exists() and not list(tmp_path.iterdir())
 
 
+HIDING = textwrap.dedent("""
+    import importlib.abc, sys
+
+    class Hide(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == HIDDEN:
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return None
+
+    sys.meta_path.insert(0, Hide())
+    from vgg_onnx.cli import main
+    sys.argv = ["vgg-onnx", *ARGS]
+    main()
+""")
+
+
+def run_hiding(package: str, *args, cwd: Path) -> subprocess.CompletedProcess:
+    """`vgg-onnx ARGS` in a process where `package` cannot be imported, as if not installed."""
+    code = f"HIDDEN = {package!r}\nARGS = {[str(a) for a in args]!r}\n" + HIDING
+    return subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
 def test_a_missing_onnx_names_the_export_extra(small_model, images, tmp_path):
-    code = textwrap.dedent(f"""
-        import importlib.abc, sys
-
-        class Hide(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "onnx":
-                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
-                return None
-
-        sys.meta_path.insert(0, Hide())
-        from vgg_onnx.cli import main
-        sys.argv = ["vgg-onnx", "quantize", {str(small_model)!r}, "--calibration", {str(images)!r},
-                    "--out", "m.onnx"]
-        main()
-    """)
-    result = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=tmp_path)
-    line = error_line(result, 2)
+    line = error_line(run_hiding("onnx", "quantize", small_model, "--calibration", images, "--out", "m.onnx",
+                                 cwd=tmp_path), 2)
     assert "quantize needs the export extra: pip install '.[export]'" in line and "(onnx is not installed)" in line
     assert not (tmp_path / "m.onnx").exists()

@@ -282,6 +282,9 @@ def quantize_model(model: str, calibration: str, out: str, method: str = "minmax
         raise UsageError(f"unknown calibration method {method!r}; valid: {', '.join(CALIBRATION_METHODS)}")
     if limit < 1 or held_out < 1:
         raise UsageError("--limit and --held-out must be at least 1")
+    from vgg_onnx.runtime.session import check_threads
+
+    check_threads(threads)  # before minutes of calibration, not after
     _check_paths(model, out)
     info = _fp32_info(model)
     images = _image_list(calibration, "--calibration")

@@ -200,7 +200,7 @@ def bench_command(models, scales, no_flip, provider, threads, batch_size, worker
         raise UsageError("--limit and --repeat must be at least 1")
     models = resolve_models(models)
     if peers:
-        bench_peers(models, int8_model, shapes, threads, repeat, fmt)
+        bench_peers(models, int8_model, shapes, threads, repeat, fmt, matmul_size, matmul_seconds)
         return
     evaluator = build_evaluator(models, scales, no_flip, provider, threads, batch_size, workers, max_pixels,
                                 (method,))
@@ -215,23 +215,34 @@ def bench_command(models, scales, no_flip, provider, threads, batch_size, worker
 
 
 def bench_peers(models: list[str], int8_model: str | None, shapes: str | None, threads: int | None, repeat: int,
-                fmt: str) -> None:
-    """`bench --peers`: one table (or JSON) of every engine's rate on the same inputs."""
+                fmt: str, matmul_size: int, matmul_seconds: float) -> None:
+    """`bench --peers`: one table (or JSON) of every engine's rate on the same inputs, and the
+    machine's MatMul peaks in float32, int8 and bf16."""
     from tqdm import tqdm
 
+    from .peaks import machine_peaks
     from .peers import default_shapes, format_peers, measure_peers, parse_shapes, peer_networks
-    from .session import check_threads
+    from .session import available_cpus, check_threads
 
     if len(models) != 1:
         raise UsageError("--peers compares engines on one --model")
     check_threads(threads)
-    info, peers = peer_networks(models[0], int8_model, threads, lambda m: click.echo(f"vgg-onnx bench: {m}", err=True))
+    def note(message: str) -> None:
+        click.echo(f"vgg-onnx bench: {message}", err=True)
+
+    info, peers = peer_networks(models[0], int8_model, threads, note)
     shape_list = parse_shapes(shapes, info.crop_size) if shapes else default_shapes(info)
     click.echo(f"vgg-onnx bench: {len(peers)} engines on {', '.join('x'.join(map(str, s)) for s in shape_list)}, "
                f"best of {repeat}", err=True)
     with tqdm(total=len(peers) * (repeat + 1), desc="peers", unit="run", leave=False, dynamic_ncols=True) as bar:
         rows = measure_peers(info, peers, shape_list, repeat, bar.update)
+    peaks = machine_peaks(threads or available_cpus(), matmul_size, matmul_seconds, note)
     load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     report = {"model": models[0], "int8_model": int8_model, "shapes": [list(s) for s in shape_list],
-              "repeat": repeat, "load_average_1min_after": load, "engines": rows}
-    click.echo(json.dumps(report, indent=2) if fmt == "json" else format_peers(rows, shape_list), nl=fmt == "json")
+              "repeat": repeat, "load_average_1min_after": load, "engines": rows, "matmul_size": matmul_size,
+              "matmul_peaks_gops_per_second": peaks}
+    if fmt == "json":
+        click.echo(json.dumps(report, indent=2))
+        return
+    measured = ", ".join(f"{k} {v:.1f}" for k, v in peaks.items() if v is not None)
+    click.echo(format_peers(rows, shape_list) + f"MatMul peaks ({matmul_size}^3, GOP/s): {measured}")

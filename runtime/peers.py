@@ -11,7 +11,6 @@ and ratios to ONNX Runtime float32.
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -23,6 +22,7 @@ from vgg_onnx.metadata import ModelInfo
 from vgg_onnx.preprocessing import rescaled_size
 
 from .flops import dense_flops
+from .peaks import installed
 from .session import ModelSession
 
 __all__ = ["Peer", "default_shapes", "parse_shapes", "peer_networks", "measure_peers", "format_peers"]
@@ -34,13 +34,6 @@ class Peer:
 
     label: str
     network: Callable[[np.ndarray], np.ndarray]
-
-
-def _installed(package: str) -> bool:
-    try:
-        return importlib.util.find_spec(package) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def default_shapes(info: ModelInfo) -> list[tuple[int, int, int, int]]:
@@ -110,11 +103,11 @@ def peer_networks(model: str, int8: str | None = None, threads: int | None = Non
         peers.append(Peer("ONNX Runtime int8", _probs(quantized)))
     else:
         note("no --int8 model: the int8 engines are left out (make one with `vgg-onnx quantize`)")
-    if _installed("openvino"):
+    if installed("openvino"):
         peers += _openvino_peers(model, int8, threads)
     else:
         note("OpenVINO left out: pip install '.[openvino]'")
-    if _installed("torch") and _installed("onnx"):
+    if installed("torch") and installed("onnx"):
         peers.append(_torch_peer(reference.info, threads))
     else:
         note("PyTorch left out: torch (the export extra) is not installed")

@@ -56,7 +56,8 @@ def int8_model(small_model, tmp_path_factory):
 
 def test_bench_peers_compares_every_engine_on_the_same_inputs(small_model, int8_model):
     result = CliRunner().invoke(main, ["bench", "--model", str(small_model), "--int8", str(int8_model), "--peers",
-                                       "--repeat", "1", "--shapes", "1x3x64x64,2x3x96x128", "--format", "json"])
+                                       "--repeat", "1", "--shapes", "1x3x64x64,2x3x96x128", "--matmul-size", "128",
+                                       "--matmul-seconds", "0.1", "--format", "json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     engines = {row["engine"]: row for row in report["engines"]}
@@ -66,6 +67,8 @@ def test_bench_peers_compares_every_engine_on_the_same_inputs(small_model, int8_
     expected |= {"OpenVINO f32", "OpenVINO int8"} if _installed("openvino") else set()
     expected |= {"PyTorch eager fp32"} if _installed("torch") else set()
     assert expected <= set(engines)
+    peaks = report["matmul_peaks_gops_per_second"]
+    assert peaks["fp32"] > 0 and (peaks["int8"] > 0) == _installed("onnx")
     info = ModelSession(small_model, "cpu").info
     flops = dense_flops(info, 64, 64) + 2 * dense_flops(info, 96, 128)
     for row in report["engines"]:

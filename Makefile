@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 	@test -n "$(PYID)" || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 2; }
 	# torch 2.13.0 first: here a CPU wheel on local disk (a bare torch would pull a multi-GB CUDA build)
 	$(PYTHON) -m pip install --quiet "torch==2.13.0"
-	$(PYTHON) -m pip install --quiet -e ".[all,dev]"
+	$(PYTHON) -m pip install --quiet -e ".[all,dev,openvino]"  # openvino: its backend is tested too
 	@mkdir -p .make && touch $@
 
 install:

@@ -4,6 +4,7 @@ equal to ONNX Runtime's, int8 graphs too, and one line naming the extra when it 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,8 @@ REDUCED_TOLERANCE = 0.05
 
 @pytest.fixture(scope="module")
 def openvino_session_class():
-    pytest.importorskip("openvino")
+    if not os.environ.get("CI"):  # `make install` brings openvino: under CI a missing one is a failure
+        pytest.importorskip("openvino")
     from vgg_onnx.runtime.openvino_backend import OpenVinoSession
 
     return OpenVinoSession

@@ -92,6 +92,21 @@ def test_page_matches_python_infer(drive, page_url, small_model, tmp_path):
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
 
 
+def test_page_runs_an_int8_model(drive, small_model, tmp_path):
+    """onnxruntime-web runs the QDQ graph `vgg-onnx quantize` writes, as `vgg-onnx infer` does."""
+    from test_hosts_int8 import assert_same_top5_int8, quantize_small_model
+
+    model = quantize_small_model(small_model, tmp_path)
+    images = [str(SAMPLES / "chelsea.png"), str(SAMPLES / "rocket.jpg")]
+    with serving(model) as url:
+        page, result = run_page(drive, url, images)
+    assert result.returncode == 0, result.stderr
+    expected = python_infer(model, images)
+    assert [r["path"] for r in page["records"]] == images
+    for record in page["records"]:
+        assert_same_top5_int8(record, expected[record["path"]])
+
+
 def test_bad_files_show_one_line_and_the_page_goes_on(drive, page_url, small_model, tmp_path):
     folder = tmp_path / "corpus"
     folder.mkdir()

@@ -17,11 +17,12 @@ PYID := $(shell $(PYTHON) -c "import sys, hashlib; print(hashlib.md5(sys.prefix.
 STAMP := .make/installed-$(PYID)
 VGG := $(PYTHON) -m vgg_onnx
 
-.PHONY: install test export demo train bench wheel torchvision-env host-deps clean help
+.PHONY: install test export demo train bench web wheel torchvision-env host-deps clean help
 
 help:
 	@echo "make demo | make test | make export MODEL=D [WEIGHTS=file] [MODEL_FILE=file] | make train MODEL=A DATA=dir"
-	@echo "make bench [MODEL_FILE=file] [IMAGES=dir] | make wheel | make install | make torchvision-env"
+	@echo "make bench [MODEL_FILE=file] [IMAGES=dir] | make web [MODEL_FILE=file] [PORT=n] | make wheel | make install"
+	@echo "make torchvision-env"
 	@echo "make host-deps | make clean"
 
 $(STAMP): pyproject.toml
@@ -30,7 +31,7 @@ $(STAMP): pyproject.toml
 	# The pin picks the suite's torch, not a limit: pyproject.toml also admits 2.14, so the package can
 	# share a venv with torchvision 0.29.1 (whose only build needs 2.14.1); <2.15 stops before untried releases.
 	$(PYTHON) -m pip install --quiet "torch==2.13.0"
-	$(PYTHON) -m pip install --quiet -e ".[all,dev]"
+	$(PYTHON) -m pip install --quiet -e ".[all,dev,openvino]"  # openvino: its backend is tested too
 	@mkdir -p .make && touch $@
 
 install:
@@ -46,16 +47,18 @@ $(TORCHVISION_VENV)/.ready:
 
 torchvision-env: $(TORCHVISION_VENV)/.ready
 
-# the C++ and Node.js hosts' system packages (Debian; installed when we are root) and npm packages;
-# without them the host tests skip (CI=true makes them fail instead)
-HOST_APT := libopencv-dev nlohmann-json3-dev cmake g++
+# the C++, Node.js and browser hosts' system packages (Debian; installed when we are root) and npm
+# packages (runtime/node; runtime/web: onnxruntime-web and playwright-core, which drives Debian's
+# chromium in tests/test_web.py); without them the host tests skip (CI=true makes them fail instead)
+HOST_APT := libopencv-dev nlohmann-json3-dev cmake g++ chromium
 host-deps:
 	@if command -v dpkg >/dev/null && ! dpkg -s $(HOST_APT) >/dev/null 2>&1; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(HOST_APT) >/dev/null; \
-		else echo "make host-deps: as root, apt-get install $(HOST_APT) (for the C++ host)"; fi; fi
-	@if command -v npm >/dev/null; then cd runtime/node && npm install --ignore-scripts --no-audit --no-fund --silent; \
-		else echo "make host-deps: npm not found (for the Node.js host)"; fi
+		else echo "make host-deps: as root, apt-get install $(HOST_APT) (for the C++ and browser hosts)"; fi; fi
+	@if command -v npm >/dev/null; then for host in runtime/node runtime/web; do \
+		(cd $$host && npm install --ignore-scripts --no-audit --no-fund --silent) || exit 1; done; \
+		else echo "make host-deps: npm not found (for the Node.js and browser hosts)"; fi
 
 test: $(STAMP) torchvision-env host-deps
 	VGG_ONNX_TORCHVISION_PYTHON=$(TORCHVISION_VENV)/bin/python $(PYTHON) -m pytest -q
@@ -86,6 +89,14 @@ train: $(STAMP)
 bench: $(STAMP)
 	@test -f $(MODEL_FILE) || { echo "make bench: $(MODEL_FILE) is missing: make export MODEL=$(MODEL) first"; exit 2; }
 	$(VGG) bench --model $(MODEL_FILE) --scales 256,384,512 --images $(IMAGES) --limit 8
+
+# the browser host: a page on http://127.0.0.1:PORT/ that classifies images with MODEL_FILE in the
+# browser (onnxruntime-web from runtime/web's npm packages, installed here when missing)
+PORT ?= 8000
+web: $(STAMP)
+	@test -f $(MODEL_FILE) || { echo "make web: $(MODEL_FILE) is missing: make export MODEL=$(MODEL) first"; exit 2; }
+	@test -d runtime/web/node_modules/onnxruntime-web || (cd runtime/web && npm install --ignore-scripts --no-audit --no-fund --silent)
+	$(VGG) web --model $(MODEL_FILE) --port $(PORT)
 
 # a wheel of the package in dist/, to install elsewhere: pip install 'dist/vgg_onnx-VERSION-py3-none-any.whl[runtime]'
 wheel:

@@ -138,6 +138,13 @@ def describe(path: str, size: tuple[int, int] | None = None) -> dict:
     return result
 
 
+def _calibration_line(c: dict) -> str:
+    """An int8 model's calibration in words: method, images, folder, what was quantized how."""
+    what = ", ".join(f"{c[k]} {k}" for k in ("activations", "weights") if k in c)
+    return (f"calibration  {c.get('method', '?')} on {c.get('images', '?')} image(s) of {c.get('folder', '?')}/"
+            f" at {c.get('scales', '?')} ({c.get('inputs', '?')}); {what}")
+
+
 def format_table(d: dict) -> str:
     meta = d["metadata"]
     lines = [
@@ -164,6 +171,8 @@ def format_table(d: dict) -> str:
             + (f" sha256 {meta['weights_sha256']}" if meta["weights_sha256"] else ""),
             f"version      vgg-onnx {meta['vgg_onnx_version']}",
         ]
+        if meta.get("calibration"):
+            lines.append(_calibration_line(meta["calibration"]))
     if "at_size" in d:
         a = d["at_size"]
         if a["flops"] is None:

@@ -24,7 +24,7 @@ from vgg_onnx.metadata import ModelInfo
 
 from .evaluate import DEFAULT_BATCH_SIZE, Evaluator, ImageResult, check_same_classes, top_k
 from .inputs import ImageInput
-from .session import ModelSession
+from .session import ModelSession, open_session
 
 __all__ = ["load_model", "fuse", "Model", "Classification", "Prediction", "ImageError"]
 
@@ -169,15 +169,19 @@ class Model:
 
 
 def load_model(path: str | os.PathLike, provider: str = "auto", threads: int | None = None,
-               max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = DEFAULT_BATCH_SIZE) -> Model:
+               max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = DEFAULT_BATCH_SIZE,
+               backend: str = "onnxruntime") -> Model:
     """Load a model exported by `vgg-onnx export`, its metadata checked once, fully.
 
     provider: "auto" (CUDA where its libraries load, else CPU), "cuda", "tensorrt" or "cpu";
     threads: CPU threads of ONNX Runtime (1 to the CPUs available; default all of them);
-    max_pixels: refuse larger images (and rescaled images); batch_size: network inputs per run.
-    Raises VggOnnxError (one line) for a missing, corrupt or foreign model file.
+    max_pixels: refuse larger images (and rescaled images); batch_size: network inputs per run;
+    backend: "onnxruntime" (the default) or "openvino" (OpenVINO's CPU plugin, bf16 where the CPU
+    has it, else float32; the openvino extra). The protocol code is the same for both.
+    Raises VggOnnxError (one line) for a missing, corrupt or foreign model file, UsageError when
+    the backend's package is not installed.
     """
-    return Model([ModelSession(path, provider, threads)], max_pixels, batch_size)
+    return Model([open_session(path, provider, threads, backend)], max_pixels, batch_size)
 
 
 def fuse(models: Sequence[Model]) -> Model:

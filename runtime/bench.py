@@ -184,12 +184,24 @@ def bench_files(images_dir: str | None, limit: int, tmp: str) -> list[str]:
               help="Measure network and pipeline this many times each, alternating; report the best.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
               help="table (for people) or json (every figure and run, for scripts).")
+@click.option("--peers", is_flag=True,
+              help="Instead: the network on every engine here on the same inputs, interleaved: ONNX Runtime "
+                   "fp32 and int8 (--int8), OpenVINO f32, bf16 and int8 (the openvino extra), PyTorch eager fp32 "
+                   "(where torch is installed); GFLOP/s and the ratio to ONNX Runtime fp32.")
+@click.option("--int8", "int8_model", type=click.Path(dir_okay=False), metavar="FILE.onnx",
+              help="With --peers: the int8 version of --model (from `vgg-onnx quantize`).")
+@click.option("--shapes", metavar="NxCxHxW[,...]",
+              help="With --peers: the input shapes. Default: a 500x375 photo at the model's test scales, batch 1.")
 def bench_command(models, scales, no_flip, provider, threads, batch_size, workers, max_pixels, method,
-                  images_dir, limit, matmul_size, matmul_seconds, repeat, fmt):
-    """Measure the network alone, the whole pipeline and ONNX Runtime's MatMul peak; print the ratios."""
+                  images_dir, limit, matmul_size, matmul_seconds, repeat, fmt, peers, int8_model, shapes):
+    """Measure the network alone, the whole pipeline and ONNX Runtime's MatMul peak; print the ratios.
+    With --peers, compare the engines on the network alone instead."""
     if limit < 1 or repeat < 1:
         raise UsageError("--limit and --repeat must be at least 1")
     models = resolve_models(models)
+    if peers:
+        bench_peers(models, int8_model, shapes, threads, repeat, fmt, matmul_size, matmul_seconds)
+        return
     evaluator = build_evaluator(models, scales, no_flip, provider, threads, batch_size, workers, max_pixels,
                                 (method,))
     session = evaluator.sessions[0]
@@ -200,3 +212,37 @@ def bench_command(models, scales, no_flip, provider, threads, batch_size, worker
                    f"threads {session.threads}, batch {batch_size}, workers {workers}", err=True)
         report = measure(evaluator, models, method, files, workers, repeat, matmul_size, matmul_seconds).report()
     click.echo(json.dumps(report, indent=2) if fmt == "json" else format_bench(report), nl=fmt == "json")
+
+
+def bench_peers(models: list[str], int8_model: str | None, shapes: str | None, threads: int | None, repeat: int,
+                fmt: str, matmul_size: int, matmul_seconds: float) -> None:
+    """`bench --peers`: one table (or JSON) of every engine's rate on the same inputs, and the
+    machine's MatMul peaks in float32, int8 and bf16."""
+    from tqdm import tqdm
+
+    from .peaks import machine_peaks
+    from .peers import default_shapes, format_peers, measure_peers, parse_shapes, peer_networks
+    from .session import available_cpus, check_threads
+
+    if len(models) != 1:
+        raise UsageError("--peers compares engines on one --model")
+    check_threads(threads)
+    def note(message: str) -> None:
+        click.echo(f"vgg-onnx bench: {message}", err=True)
+
+    info, peers = peer_networks(models[0], int8_model, threads, note)
+    shape_list = parse_shapes(shapes, info.crop_size) if shapes else default_shapes(info)
+    click.echo(f"vgg-onnx bench: {len(peers)} engines on {', '.join('x'.join(map(str, s)) for s in shape_list)}, "
+               f"best of {repeat}", err=True)
+    with tqdm(total=len(peers) * (repeat + 1), desc="peers", unit="run", leave=False, dynamic_ncols=True) as bar:
+        rows = measure_peers(info, peers, shape_list, repeat, bar.update)
+    peaks = machine_peaks(threads or available_cpus(), matmul_size, matmul_seconds, note)
+    load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    report = {"model": models[0], "int8_model": int8_model, "shapes": [list(s) for s in shape_list],
+              "repeat": repeat, "load_average_1min_after": load, "engines": rows, "matmul_size": matmul_size,
+              "matmul_peaks_gops_per_second": peaks}
+    if fmt == "json":
+        click.echo(json.dumps(report, indent=2))
+        return
+    measured = ", ".join(f"{k} {v:.1f}" for k, v in peaks.items() if v is not None)
+    click.echo(format_peers(rows, shape_list) + f"MatMul peaks ({matmul_size}^3, GOP/s): {measured}")

@@ -16,7 +16,7 @@ from vgg_onnx.scales import parse_scales
 from .evaluate import DEFAULT_BATCH_SIZE, Evaluator, configure_opencv_threads, load_sessions
 from .flops import format_flops, image_flops
 from .protocol import METHODS
-from .session import PROVIDERS
+from .session import BACKENDS, PROVIDERS, open_session
 
 DEFAULT_MODEL = os.path.join("models", "vgg_D.onnx")  # where `make export` and `make demo` write
 METHOD_HELP = "dense (whole image and mirror), multi-crop (5x5 grid of crops and mirrors), or both (their mean)."
@@ -36,6 +36,15 @@ def resolve_models(models: tuple[str, ...]) -> list[str]:
                      f"({DEFAULT_MODEL}, what `make export` writes, is not here)")
 
 
+BACKEND_KEY = "vgg_onnx.backend"
+
+
+def _remember_backend(ctx: click.Context, param, value: str) -> str:
+    # kept in the context, not passed: the commands hand their options on to build_evaluator
+    ctx.meta[BACKEND_KEY] = value
+    return value
+
+
 def model_options(func):
     """Options every runtime command shares: models, scales, provider and the pipeline's knobs."""
     options = [
@@ -48,6 +57,10 @@ def model_options(func):
         click.option("--no-flip", is_flag=True, help="Leave out the mirror images."),
         click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
                      help="ONNX Runtime provider; auto = CUDA where its libraries load, else CPU."),
+        click.option("--backend", type=click.Choice(BACKENDS), default="onnxruntime", show_default=True,
+                     expose_value=False, callback=_remember_backend,
+                     help="Inference engine: ONNX Runtime, or OpenVINO's CPU plugin (the openvino extra; bf16 "
+                          "where the CPU has it, else float32). The same .onnx files, int8 ones too."),
         click.option("--threads", type=int, metavar="N",
                      help="CPU provider threads, 1 to the CPUs available (default: all of them); more "
                           "would only contend for the cores and cost memory."),
@@ -71,7 +84,12 @@ def build_evaluator(models, scales, no_flip, provider, threads, batch_size, work
         raise UsageError(f"--max-pixels {max_pixels} must be positive")
     scale_list = parse_scales(scales) if scales else None
     configure_opencv_threads()
-    sessions = load_sessions(list(models), provider, threads)
+    context = click.get_current_context(silent=True)
+    backend = context.meta.get(BACKEND_KEY, "onnxruntime") if context else "onnxruntime"
+    if backend == "onnxruntime":
+        sessions = load_sessions(list(models), provider, threads)
+    else:
+        sessions = [open_session(m, provider, threads, backend) for m in models]
     for session in sessions:
         if not session.info.weights_source:
             click.echo(f"vgg-onnx: note: {session.name} has random weights (exported without trained weights): "

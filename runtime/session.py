@@ -19,6 +19,9 @@ from vgg_onnx.atomic import file_kind
 from vgg_onnx.errors import UsageError, VggOnnxError
 from vgg_onnx.metadata import INPUT_NAME, PROBS_NAME, SCORES_NAME, ModelInfo
 
+__all__ = ["BACKENDS", "PROVIDERS", "ModelSession", "available_cpus", "check_interface", "check_metadata",
+           "check_threads", "open_session", "resolve_provider"]
+
 PROVIDERS = ("auto", "cuda", "tensorrt", "cpu")
 ORT_NAMES = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
              "cpu": "CPUExecutionProvider"}
@@ -147,6 +150,13 @@ def check_model_file(path: str) -> None:
         raise VggOnnxError(f"{path}: cannot read: {file_kind(mode)}, not a regular file")
 
 
+def check_interface(path: str, inputs: list[str], outputs: list[str]) -> None:
+    """The graph's interface every vgg-onnx model has: input `image`, outputs `scores` and `probs`."""
+    if inputs != [INPUT_NAME] or not {SCORES_NAME, PROBS_NAME} <= set(outputs):
+        raise VggOnnxError(f"{path}: expected input '{INPUT_NAME}' and outputs '{SCORES_NAME}', "
+                           f"'{PROBS_NAME}'; found {inputs} -> {outputs}")
+
+
 class ModelSession:
     """An ONNX Runtime session on a vgg-onnx model; `run` maps an N x 3 x H x W batch to outputs.
     `run` may be called from several threads at once (ONNX Runtime sessions allow it)."""
@@ -196,9 +206,7 @@ class ModelSession:
         self.info = ModelInfo.from_metadata_props(props, source=self.path)
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
-        if inputs != [INPUT_NAME] or not {SCORES_NAME, PROBS_NAME} <= set(outputs):
-            raise VggOnnxError(f"{self.path}: expected input '{INPUT_NAME}' and outputs '{SCORES_NAME}', "
-                               f"'{PROBS_NAME}'; found {inputs} -> {outputs}")
+        check_interface(self.path, inputs, outputs)
         probs = next(o for o in self.session.get_outputs() if o.name == PROBS_NAME)
         width = probs.shape[1] if len(probs.shape) == 2 and isinstance(probs.shape[1], int) else None
         check_metadata(self.info, width, self.path)
@@ -216,3 +224,21 @@ class ModelSession:
             binding.bind_output(name, "cuda")
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
+
+
+BACKENDS = ("onnxruntime", "openvino")
+
+
+def open_session(path: str | os.PathLike, provider: str = "auto", threads: int | None = None,
+                 backend: str = "onnxruntime"):
+    """A ModelSession (ONNX Runtime, the default) or an OpenVinoSession (`backend="openvino"`:
+    OpenVINO's CPU plugin, bf16 where the CPU has it); both have the same interface."""
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if backend == "onnxruntime":
+        return ModelSession(path, provider, threads)
+    if provider not in ("auto", "cpu"):
+        raise UsageError(f"--provider {provider} is ONNX Runtime's: the openvino backend runs on the CPU")
+    from .openvino_backend import OpenVinoSession
+
+    return OpenVinoSession(path, threads)

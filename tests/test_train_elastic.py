@@ -33,6 +33,7 @@ TINY = ["--config", "A", "--crop", "32", "--width-mult", "0.0625", "--batch-size
         "--no-progress", "--scale", "36,48", "--epochs", "2", "--lr", "0.01", "--dropout", "0", "--seed", "3",
         "--checkpoint-every", "4"]
 AGENT_TIMEOUT = 240
+DOCUMENTED_ENV: dict[str, str] = {}  # the NAME=VALUE words before `torchrun` in the documented command
 
 # Loaded by every Python process of a test run (PYTHONPATH); acts in the workers only (LOCAL_RANK is
 # set by torchrun): records its pid and the start of every step, and slows or stalls them on request.
@@ -78,7 +79,7 @@ def free_port() -> int:
 
 
 def documented_command() -> list[str]:
-    """The multi-node torchrun command of docs/training.md, as words."""
+    """The multi-node torchrun command of docs/training.md, as words (NAME=VALUE ones first)."""
     text = DOCS.read_text()
     assert DOC_MARKER in text, f"{DOCS} lost its marked multi-node command"
     block = text.split(DOC_MARKER, 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
@@ -89,6 +90,9 @@ def documented_command() -> list[str]:
 def node_command(data: Path, run: Path, port: int) -> list[str]:
     """The documented command with this machine's host and port, our data and run folder, tiny options."""
     words = documented_command()
+    while "=" in words[0]:  # the documented environment goes to the agents' environment
+        name, value = words.pop(0).split("=", 1)
+        DOCUMENTED_ENV[name] = value
     assert words[0] == "torchrun" and "HOST:29500" in words and "DATA" in words and "RUN_DIR" in words, words
     assert words[words.index("--nnodes") + 1] == "2" and "--max-restarts" in words, words
     substitute = {"torchrun": None, "HOST:29500": f"127.0.0.1:{port}", "DATA": str(data), "RUN_DIR": str(run)}
@@ -110,6 +114,7 @@ class TwoNodes:
         environment = dict(os.environ, OMP_NUM_THREADS="1", VGG_TEST_HOOK_DIR=str(self.hooks),
                            PYTHONPATH=os.pathsep.join([str(self.hooks), os.environ.get("PYTHONPATH", "")]), **env)
         command = node_command(data, run, free_port())
+        environment.update(DOCUMENTED_ENV)
         self.logs = [tmp / f"{run.name}-node{i}.log" for i in range(2)]
         self.agents = []
         for log in self.logs:

@@ -16,6 +16,8 @@ __all__ = ["COMMANDS", "main"]
 # name -> (module, attribute, one-line help shown by `vgg-onnx --help`)
 COMMANDS = {
     "export": ("vgg_onnx.export.cli", "export_command", "Compile a VGG net to one verified dynamic-shape ONNX graph."),
+    "quantize": ("vgg_onnx.export.quantize_cli", "quantize_command",
+                 "Quantize a model to int8, calibrated on real images and verified against float32."),
     "inspect": ("vgg_onnx.export.cli", "inspect_command", "Show an exported model's interface, metadata and FLOPs."),
     "infer": ("vgg_onnx.runtime.cli", "infer_command", "Classify images: dense, multi-crop or both, several scales and models."),
     "eval": ("vgg_onnx.runtime.cli", "eval_command", "Top-1/top-5 error on an ImageFolder, per evaluation method."),
@@ -23,15 +25,18 @@ COMMANDS = {
     "train": ("vgg_onnx.train.cli", "train_command", "Train a VGG net with the paper's recipe (one process or torchrun)."),
     "stats": ("vgg_onnx.train.cli", "stats_command", "Compute a training set's mean RGB and PCA colour statistics."),
     "plot": ("vgg_onnx.train.cli", "plot_command", "Draw a training run's loss and error curves to curves.png."),
+    "web": ("vgg_onnx.runtime.webserver", "web_command", "Serve a web page that classifies images in the browser (onnxruntime-web)."),
 }
 
 
 # the extra each command needs beyond the core, and the packages that extra brings
 # (pyproject.toml's optional-dependencies); checked before the command runs
-COMMAND_EXTRAS = {"export": "export", "inspect": "runtime", "infer": "runtime", "eval": "runtime",
-                  "bench": "runtime", "train": "train", "stats": "train", "plot": "train"}
+COMMAND_EXTRAS = {"export": "export", "quantize": "export", "inspect": "runtime", "infer": "runtime",
+                  "eval": "runtime", "bench": "runtime", "train": "train", "stats": "train", "plot": "train"}
 EXTRA_PACKAGES = {"runtime": ("onnxruntime",), "export": ("torch", "onnx", "safetensors", "onnxruntime"),
                   "train": ("torch", "safetensors", "matplotlib")}
+# commands that need only part of their extra (quantize: onnx and onnxruntime, no torch)
+COMMAND_PACKAGES = {"quantize": ("onnx", "onnxruntime")}
 # a ModuleNotFoundError of any other module is a bug, and keeps its traceback
 PACKAGE_EXTRAS = {"torch": None, "safetensors": None, "onnx": "export",
                   "matplotlib": "train", "onnxruntime": "runtime"}
@@ -59,7 +64,7 @@ def exit_needing_extra(command: str, extra: str, package: str) -> "NoReturn":  #
 def check_extra(command: str) -> None:
     """Exit 2 with one line when a package of the command's extra is not installed."""
     extra = COMMAND_EXTRAS.get(command)
-    for package in EXTRA_PACKAGES.get(extra, ()):
+    for package in COMMAND_PACKAGES.get(command, EXTRA_PACKAGES.get(extra, ())):
         if not installed(package):
             exit_needing_extra(command, "runtime" if package == "onnxruntime" else extra, package)
 

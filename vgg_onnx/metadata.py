@@ -41,7 +41,9 @@ class ModelInfo:
     param_count: int = 0
     weights_source: str = ""  # file name the weights came from ("" for random initialisation)
     weights_sha256: str = ""
-    precision: str = "fp32"
+    precision: str = "fp32"  # "fp32", "fp16" or "int8"
+    # for int8 models, where the quantization ranges came from: method, image count, folder name...
+    calibration: dict | None = None
     version: str = __version__
 
     def __post_init__(self):
@@ -71,7 +73,7 @@ class ModelInfo:
             "input": INPUT_NAME,
             "outputs": [SCORES_NAME, PROBS_NAME],
             "preprocessing": CONVENTIONS,
-        }
+        } | ({"calibration": dict(self.calibration)} if self.calibration is not None else {})
 
     def to_metadata_props(self) -> dict[str, str]:
         """Flat string map for ONNX metadata_props: strings as they are, everything else as JSON."""
@@ -94,6 +96,7 @@ class ModelInfo:
                 weights_source=d.get("weights_source", ""),
                 weights_sha256=d.get("weights_sha256", ""),
                 precision=d.get("precision", "fp32"),
+                calibration=_calibration(d.get("calibration")),
                 version=d.get("vgg_onnx_version", ""),
             )
         except (KeyError, TypeError, ValueError) as e:
@@ -113,6 +116,12 @@ class ModelInfo:
             if key in props:
                 decoded[key] = props[key]
         return cls.from_json_dict(decoded, source)
+
+
+def _calibration(value) -> dict | None:
+    if value is not None and not isinstance(value, dict):
+        raise TypeError(f"calibration is {type(value).__name__}, not an object")
+    return value
 
 
 def sidecar_path(onnx_path: str) -> str:

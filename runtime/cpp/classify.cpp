@@ -8,6 +8,7 @@
 // its mirror are two runs. The model's metadata (classes, test scales) is read from the .onnx
 // file's metadata_props, or from the JSON file export writes beside it, and validated once at
 // load. Images are decoded by the rules of docs/decoding.md, as `vgg-onnx infer` does.
+// An int8 model (`vgg-onnx quantize`) is refused in one line: OpenCV 4.6 cannot import its graph.
 #include <algorithm>
 #include <cctype>
 #include <cstdio>
@@ -163,6 +164,7 @@ struct OnnxFacts {
     int64_t output_classes = 0;  // 0: not stated in the graph
     bool well_formed = true;
     bool tensors_match_dims = true;
+    bool quantize_nodes = false;  // QuantizeLinear / DequantizeLinear: an int8 (QDQ) graph
 };
 
 int64_t second_dimension(const std::string& type_proto) {
@@ -241,13 +243,19 @@ bool tensor_matches_dims(std::istream& in, const ProtoField& tensor) {
     return t.has_raw ? t.raw_bytes == count * uint64_t(size) : t.values == count;
 }
 
+bool is_quantize_op(const std::string& op_type) {
+    return op_type == "QuantizeLinear" || op_type == "DequantizeLinear";
+}
+
 // Initializers (GraphProto 5) and the tensors in node attributes (NodeProto 5: AttributeProto
-// {5 t, 10 tensors}), the ones OpenCV copies.
+// {5 t, 10 tensors}), the ones OpenCV copies; and each node's op_type (NodeProto 4).
 void check_graph_tensors(std::istream& in, const ProtoField& f, OnnxFacts& facts) {
     if (f.wire_type != 2) return;
     if (f.number == 5) facts.tensors_match_dims &= tensor_matches_dims(in, f);
     if (f.number != 1) return;
     walk_message(in, f.start, f.start + std::streamoff(f.length), [&](const ProtoField& attribute) {
+        if (attribute.number == 4 && attribute.wire_type == 2 && attribute.length <= 64)
+            facts.quantize_nodes |= is_quantize_op(read_payload(in, attribute));
         if (attribute.number != 5 || attribute.wire_type != 2) return;
         walk_message(in, attribute.start, attribute.start + std::streamoff(attribute.length), [&](const ProtoField& t) {
             if ((t.number == 5 || t.number == 10) && t.wire_type == 2) facts.tensors_match_dims &= tensor_matches_dims(in, t);
@@ -381,6 +389,18 @@ ModelInfo validate_metadata(const json& meta, int64_t output_classes) {
     return info;
 }
 
+// OpenCV 4.6's importer rejects the QDQ graph `vgg-onnx quantize` writes (its DequantizeLinear
+// of an int32 bias fails an assertion): say so before the importer, in words a user can act on.
+void check_not_int8(const std::string& model_path, const json& meta, const OnnxFacts& facts) {
+    std::string evidence;
+    if (meta.is_object() && meta.value("precision", json()) == json("int8")) evidence = "metadata precision \"int8\"";
+    else if (facts.quantize_nodes) evidence = "QuantizeLinear/DequantizeLinear nodes in its graph";
+    else return;
+    throw std::runtime_error(model_path + ": an int8 model (" + evidence + "): this host does not run int8 models, "
+                             "OpenCV 4.6's DNN importer rejects their graph; use the float32 model here, or the Node "
+                             "host or vgg-onnx infer");
+}
+
 ModelInfo read_model_info(const std::string& model_path) {
     uint64_t size = 0;
     try {
@@ -398,6 +418,7 @@ ModelInfo read_model_info(const std::string& model_path) {
         throw std::runtime_error(model_path + ": no vgg-onnx metadata (not exported by vgg-onnx export)");
     if (!facts.well_formed) throw std::runtime_error(model_path + ": not a well-formed ONNX file (truncated or corrupt)");
     if (!facts.tensors_match_dims) throw std::runtime_error(model_path + ": not a well-formed ONNX file (a tensor's data does not match its dims)");
+    check_not_int8(model_path, meta, facts);
     try {
         return validate_metadata(meta, facts.output_classes);
     } catch (const std::exception& e) {

@@ -64,11 +64,13 @@ def train_command(config, data, out, scale, crop, width_mult, batch_size, epochs
     \b
     One process:   vgg-onnx train --config A --data DIR --out runs/A
     Several GPUs:  torchrun --nproc-per-node 8 -m vgg_onnx.train --config A --data DIR --out runs/A
-    Several nodes: torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d \\
+    Several nodes: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 \\
+                   torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d \\
                      --rdzv-endpoint HOST:29500 --rdzv-id vgg-D --max-restarts 3 \\
                      -m vgg_onnx.train ... --out RUN_DIR --checkpoint-every 500
                    (the same command on every node, RUN_DIR on shared storage; after a
-                   fault torchrun restarts the workers and they resume from RUN_DIR/last)
+                   fault torchrun restarts the workers and they resume from RUN_DIR/last;
+                   the variable: docs/training.md)
     """
     from .trainer import TrainArgs, train
 

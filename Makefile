@@ -70,3 +70,14 @@ bench: $(STAMP)
 
 clean:
 	rm -rf .make build *.egg-info .pytest_cache models runtime/cpp/build
+
+# The paper's findings in miniature (docs/reproduction.md). BUDGET=quick: tiny nets, 8 training images
+# per class, 1 epoch, a few minutes, report in STUDY_WORK/reproduction.md; BUDGET=full: the study itself
+# (CPU hours; resumable: run it again after an interruption), report in docs/reproduction.md.
+BUDGET ?= quick
+STUDY_DATA ?= ../shared/data/imagenette
+STUDY_WORK ?= runs/study-$(BUDGET)
+.PHONY: reproduce
+reproduce: $(STAMP)
+	$(VGG).train.study --budget $(BUDGET) --data $(STUDY_DATA) --work $(STUDY_WORK) \
+		$(if $(filter full,$(BUDGET)),--report docs/reproduction.md)

@@ -123,3 +123,23 @@ def test_cli_report_only_prints_json_and_exit_status(work: Path, tmp_path: Path)
     missing = subprocess.run([sys.executable, "-m", "vgg_onnx.train.study", "--data", str(tmp_path / "nope"),
                               "--work", str(work), "--report-only"], capture_output=True, text=True)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "nope" in missing.stderr
+
+
+def test_pipeline_trains_exports_evaluates_and_resumes(tmp_path: Path):
+    """The quick budget's steps on generated shapes, for A alone: a second call finds everything done."""
+    from dataclasses import replace
+
+    from test_train_data import make_dataset
+
+    data = make_dataset(tmp_path / "shapes", train_per_class=8, val_per_class=4)
+    budget = replace(st.BUDGETS["quick"], train_per_class=None, workers=0, multicrop_limit=4)
+    work = tmp_path / "work"
+    assert st.run_study(budget, str(data), str(work), runs=st.RUNS[:1]) == []
+    reports = sorted(p.name for p in (work / "eval").iterdir())
+    assert reports == ["A_Q32.json", "A_Q36.json", "A_Q54.json", "A_Q68.json", "A_Q73.json", "A_multiscale.json"]
+    assert json.loads((work / "eval" / "A_Q36.json").read_text())["images"] == 16
+    stamps = {p: p.stat().st_mtime_ns for p in (work / "eval").iterdir()}
+    assert st.run_study(budget, str(data), str(work), runs=st.RUNS[:1]) == []
+    assert stamps == {p: p.stat().st_mtime_ns for p in (work / "eval").iterdir()}
+    study = st.collect(budget, str(work), st.RUNS[:1])
+    assert study["runs"]["A"]["status"] == "finished" and st.cell(study, "A_Q36")[2] == 16

@@ -143,3 +143,8 @@ def test_pipeline_trains_exports_evaluates_and_resumes(tmp_path: Path):
     assert stamps == {p: p.stat().st_mtime_ns for p in (work / "eval").iterdir()}
     study = st.collect(budget, str(work), st.RUNS[:1])
     assert study["runs"]["A"]["status"] == "finished" and st.cell(study, "A_Q36")[2] == 16
+
+
+def test_nets_near_chance_are_not_compared():
+    deeper = st.Finding("Deeper is better", "D vs A", "lower")
+    assert st.verdict(deeper, (89.0, 50.0, IMAGES), (60.0, 20.0, IMAGES), "width 0.125")[0] == "inconclusive"

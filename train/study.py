@@ -100,6 +100,7 @@ PAPER = {
 }
 DEPTH = {"A": 11, "A-LRN": 11, "B": 13, "C": 16, "D": 16, "E": 19}
 METHODS = ("dense", "multi-crop", "both")
+NEAR_CHANCE = 85.0  # top-1 error (%) above which a net has barely learned (chance: 90 % for 10 classes)
 
 
 @dataclass(frozen=True)
@@ -427,6 +428,9 @@ def verdict(finding: Finding, ours: tuple | None, base: tuple | None, limits: st
     """(reproduced | not reproduced | inconclusive | pending, the reason in one sentence)."""
     if ours is None or base is None:
         return "pending", "not measured yet (the runs or evaluations it needs have not finished)"
+    if max(ours[0], base[0]) >= NEAR_CHANCE:
+        return "inconclusive", (f"{ours[0]:.1f} vs {base[0]:.1f} % top-1: a net near chance (90 %) has not "
+                                f"learned enough to compare ({limits})")
     diff, margin = ours[0] - base[0], two_se(ours, base)
     figures = (f"{ours[0]:.1f} vs {base[0]:.1f} % top-1 ({diff:+.1f} points; twice the standard error is "
                f"{margin:.1f}; {ours[2]} / {base[2]} images)")
@@ -700,7 +704,11 @@ def status_header(study: dict) -> list[str]:
             f"on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Finished runs: {', '.join(done) or 'none'}; "
             f"in progress or interrupted: {', '.join(going) or 'none'}; training time so far {minutes:.0f} min "
             "(2-core CPU shared with other jobs: time and images/s vary with the load). "
-            "Cells marked pending have no measurement yet."]
+            "Cells marked pending have no measurement yet.",
+            "",
+            f"Files: WORK = `{study['work']}`; checkpoints in WORK/<run>/ (`best.safetensors`, `last.safetensors` "
+            "with their JSON; `metrics.jsonl`, `train.log`), compiled models in WORK/models/<run>.onnx, evaluation "
+            "reports in WORK/eval/. A run continues from its checkpoint when the study is run again."]
 
 
 # ---------------------------------------------------------------- command line

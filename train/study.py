@@ -722,14 +722,17 @@ def status_header(study: dict) -> list[str]:
 @click.option("--report", metavar="FILE.md", help="Report path (default: WORK/reproduction.md); plots go "
               "to img/ beside it.")
 @click.option("--report-only", is_flag=True, help="Only write the report from the results in WORK.")
-def study_command(budget, data, work, report, report_only):
+@click.option("--note", "notes", multiple=True, metavar="TEXT",
+              help="A paragraph for the report's status section (repeatable), e.g. what is running where.")
+def study_command(budget, data, work, report, report_only, notes):
     """Train, export and evaluate the study's nets, then write Tables 3-6, plots and verdicts."""
     chosen = BUDGETS[budget]
     if not os.path.isdir(data):
         raise UsageError(f"{data}: not a folder (need train/<class>/ and val/<class>/)")
     failed = [] if report_only else run_study(chosen, data, work)
     study = collect(chosen, work)
-    written = write_report(study, report or os.path.join(work, "reproduction.md"), status_header(study))
+    header = status_header(study) + [line for note in notes for line in ("", note)]
+    written = write_report(study, report or os.path.join(work, "reproduction.md"), header)
     summary = {"budget": budget, "work": work, "files": written, "failed": failed,
                "runs": {name: {k: run[k] for k in ("status", "epochs", "stopped")}
                         for name, run in study["runs"].items()}, "findings": findings(study)}

@@ -148,3 +148,10 @@ def test_pipeline_trains_exports_evaluates_and_resumes(tmp_path: Path):
 def test_nets_near_chance_are_not_compared():
     deeper = st.Finding("Deeper is better", "D vs A", "lower")
     assert st.verdict(deeper, (89.0, 50.0, IMAGES), (60.0, 20.0, IMAGES), "width 0.125")[0] == "inconclusive"
+
+
+def test_a_net_waits_for_the_run_it_starts_from(tmp_path: Path):
+    write_run(tmp_path, "A", [0.8, 0.6])  # interrupted: no stop reason, fewer epochs than the cap
+    runner = st.Runner(BUDGET, "DATA", str(tmp_path))
+    assert runner.train(st.RUNS[1]) is False
+    assert runner.failed == ["train D: A has not finished training, nothing to start from"]

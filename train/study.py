@@ -268,8 +268,9 @@ class Runner:
         state = run_status(self.work, spec, self.budget)
         if state["status"] == "finished":
             return True
-        if spec.init_from and not os.path.exists(os.path.join(self.work, spec.init_from, "best.safetensors")):
-            self.failed.append(f"train {spec.name}: no checkpoint of {spec.init_from} to start from")
+        source = next((r for r in RUNS if r.name == spec.init_from), None)
+        if source and run_status(self.work, source, self.budget)["status"] != "finished":
+            self.failed.append(f"train {spec.name}: {spec.init_from} has not finished training, nothing to start from")
             return False
         cmd = train_command(spec, self.budget, self.data, self.work, resume=state["status"] != "not started")
         code = run_logged(cmd, os.path.join(self.work, spec.name, "train.log"))

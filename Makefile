@@ -22,7 +22,7 @@ VGG := $(PYTHON) -m vgg_onnx
 help:
 	@echo "make demo | make test | make export MODEL=D [WEIGHTS=file] [MODEL_FILE=file] | make train MODEL=A DATA=dir"
 	@echo "make bench [MODEL_FILE=file] [IMAGES=dir] | make web [MODEL_FILE=file] [PORT=n] | make wheel | make install"
-	@echo "make torchvision-env"
+	@echo "make reproduce STUDY_DATA=imagenette [BUDGET=quick|full] | make torchvision-env"
 	@echo "make host-deps | make clean"
 
 $(STAMP): pyproject.toml
@@ -106,3 +106,16 @@ wheel:
 
 clean:
 	rm -rf .make build dist *.egg-info .pytest_cache models runtime/cpp/build
+
+# The paper's findings in miniature (docs/reproduction.md) on Imagenette (STUDY_DATA: a folder with
+# train/<synset>/ and val/<synset>/). BUDGET=quick: tiny nets, 8 training images per class, 1 epoch, a
+# few minutes, report in STUDY_WORK/reproduction.md; BUDGET=full: the study itself (CPU hours;
+# resumable: run it again after an interruption), report in docs/reproduction.md.
+BUDGET ?= quick
+STUDY_DATA ?=
+STUDY_WORK ?= runs/study-$(BUDGET)
+.PHONY: reproduce
+reproduce: $(STAMP)
+	@test -n "$(STUDY_DATA)" || { echo "make reproduce: set STUDY_DATA=folder with train/ and val/ (Imagenette)"; exit 2; }
+	$(VGG).train.study --budget $(BUDGET) --data $(STUDY_DATA) --work $(STUDY_WORK) \
+		$(if $(filter full,$(BUDGET)),--report docs/reproduction.md)

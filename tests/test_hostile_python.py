@@ -132,9 +132,8 @@ def test_duplicated_tiff_size_tags_cannot_sneak_a_large_image_past_the_limit():
     assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYDEPTH).shape == (300, 300)  # what libtiff uses
     with pytest.raises(ImageError, match="300x300 image exceeds the pixel limit of 5000"):
         decode_image(data, max_pixels=5000)
-    # the other order: the large pair last is refused too
-    with pytest.raises(ImageError, match="300x300 image exceeds the pixel limit of 5000"):
-        decode_image(forged_tiff(used=(50, 50), declared_later=(300, 300)), max_pixels=5000)
+    # the other order: the first pair counts, for the check as for libtiff (and the other hosts)
+    assert decode_image(forged_tiff(used=(50, 50), declared_later=(300, 300)), max_pixels=5000).shape == (50, 50, 3)
     assert decode_image(data, max_pixels=90_000).shape == (300, 300, 3)
 
 

@@ -62,10 +62,11 @@ TIFF_INTEGER_TYPES = {1: ("B", 1), 3: ("H", 2), 4: ("I", 4), 6: ("b", 1), 8: ("h
 
 
 def _tiff_size(data: bytes) -> tuple[int, int]:
-    """The largest ImageWidth and ImageLength declared in the first directory (the one OpenCV reads).
+    """ImageWidth and ImageLength of the first directory (the one OpenCV reads).
 
-    A tag may appear more than once; libtiff keeps the first, other readers the last. Whichever
-    copy a decoder uses, it is one of these values, so their maximum bounds the decoded size.
+    A tag may appear more than once: the first copy counts, as in libtiff, which decodes TIFF for
+    OpenCV here and for the Node host's sharp (docs/decoding.md §2); OpenCV's own pixel limit
+    stays the backstop should a decoder disagree.
     """
     order = "<" if data[:2] == b"II" else ">"
     try:
@@ -81,7 +82,7 @@ def _tiff_size(data: bytes) -> tuple[int, int]:
                 raise ImageError(f"corrupt TIFF header (tag {tag} has type {typ}, count {n})")
             fmt, size = TIFF_INTEGER_TYPES[typ]
             value = struct.unpack(order + fmt, entry[8:8 + size])[0]
-            found[tag] = max(found.get(tag, value), value)
+            found.setdefault(tag, value)
         return found[256], found[257]
     except (struct.error, KeyError):
         raise ImageError("truncated or corrupt TIFF header") from None

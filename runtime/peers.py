@@ -11,6 +11,7 @@ and ratios to ONNX Runtime float32.
 
 from __future__ import annotations
 
+import importlib
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -74,20 +75,9 @@ def _openvino_peers(model: str, int8: str | None, threads: int | None) -> list[P
 
 
 def _torch_peer(info: ModelInfo, threads: int | None) -> Peer:
-    import torch
-
-    from vgg_onnx.export.compiler import DenseVGG
-    from vgg_onnx.train.model import VGG
-
-    if threads:
-        torch.set_num_threads(threads)
-    dense = DenseVGG(VGG(info.config, info.num_classes, info.width_mult, info.crop_size), info.normalization).eval()
-
-    def network(batch: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return dense(torch.from_numpy(batch))[1].numpy()
-
-    return Peer("PyTorch eager fp32", network)
+    # the torch code lives in the export stage (it owns torch); the runtime never imports torch
+    torch_peer = importlib.import_module("vgg_onnx.export.torch_peer")
+    return Peer("PyTorch eager fp32", torch_peer.torch_network(info, threads))
 
 
 def peer_networks(model: str, int8: str | None = None, threads: int | None = None,

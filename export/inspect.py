@@ -12,7 +12,7 @@ import os
 
 from vgg_onnx.configs import score_map_size
 from vgg_onnx.errors import UsageError, VggOnnxError
-from vgg_onnx.metadata import FORMAT_KEY, ModelInfo, sidecar_path
+from vgg_onnx.metadata import FORMAT_KEY, METADATA_KEY, ModelInfo, sidecar_path
 
 __all__ = ["describe", "format_table", "parse_size"]
 
@@ -57,7 +57,7 @@ def _open_session(path: str):
 
 def _model_info(path: str, props: dict[str, str]) -> ModelInfo | None:
     """The graph's metadata_props, else the JSON beside the model, else None (not one of ours)."""
-    if FORMAT_KEY in props:
+    if METADATA_KEY in props or FORMAT_KEY in props:  # FORMAT_KEY alone: an older layout, said as such
         return ModelInfo.from_metadata_props(props, path)
     sidecar = sidecar_path(path)
     if os.path.isfile(sidecar):

@@ -8,7 +8,6 @@ must still get its result; model cases are given as the model.
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from metadata_edit import edited_model, legacy_layout_model
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 HUGE = 30000  # 30000 x 30000 = 9e8 pixels, nine times the default limit of 1e8
@@ -177,35 +177,15 @@ def truncated_model(folder: Path, model: Path) -> Path:
     return path
 
 
-def with_metadata(name: str, **changes) -> Callable[[Path, Path], Path]:
-    """The good model with some metadata_props replaced (values as export writes them: JSON)."""
+def with_metadata(name: str, raw: str | None = None, **changes) -> Callable[[Path, Path], Path]:
+    """The good model with its metadata document changed (see metadata_edit.edited_model)."""
     def make(folder: Path, model: Path) -> Path:
-        import onnx
-
-        proto = onnx.load(str(model))
-        props = {p.key: p.value for p in proto.metadata_props}
-        for key, value in changes.items():
-            props[key] = json.dumps(value(json.loads(props[key])) if callable(value) else value)
-        del proto.metadata_props[:]
-        for key, value in props.items():
-            proto.metadata_props.add(key=key, value=value)
-        path = folder / f"{name}.onnx"
-        onnx.save(proto, str(path))
-        return path
+        return edited_model(model, folder / f"{name}.onnx", raw=raw, **changes)
     return make
 
 
-def with_raw_metadata(name: str, key: str, raw: str) -> Callable[[Path, Path], Path]:
-    """The good model with one metadata_props value replaced by raw text."""
-    def make(folder: Path, model: Path) -> Path:
-        import onnx
-
-        proto = onnx.load(str(model))
-        next(p for p in proto.metadata_props if p.key == key).value = raw
-        path = folder / f"{name}.onnx"
-        onnx.save(proto, str(path))
-        return path
-    return make
+def with_legacy_layout(folder: Path, model: Path) -> Path:
+    return legacy_layout_model(model, folder / "legacy.onnx")
 
 
 def with_forged_initializer(folder: Path, model: Path) -> Path:
@@ -238,7 +218,12 @@ MODEL_CASES = [
     Case("model-negative-crop", "model", with_metadata("negative_crop", crop_size=-64), MALFORMED),
     Case("model-crop-not-32", "model", with_metadata("crop_50", crop_size=50), MALFORMED),
     Case("model-scale-below-crop", "model", with_metadata("small_scale", test_scales=[32]), MALFORMED),
-    Case("model-deep-json", "model", with_raw_metadata("deep", "classes", "[" * DEEP + "]" * DEEP), MALFORMED),
+    Case("model-deep-json", "model", with_metadata("deep", raw='{"vgg_onnx_format": 2, "classes": ' + "[" * DEEP
+                                                   + "]" * DEEP + "}"), MALFORMED),
+    Case("model-metadata-not-json", "model", with_metadata("not_json", raw="{'vgg_onnx_format': 2"), MALFORMED),
+    Case("model-format-string", "model", with_metadata("format_string", vgg_onnx_format="2"), "metadata format"),
+    Case("model-format-3", "model", with_metadata("format_3", vgg_onnx_format=3), "metadata format 3"),
+    Case("model-legacy-layout", "model", with_legacy_layout, "export it again"),
     Case("model-negative-scale", "model", with_metadata("negative_scale", test_scales=[-96]), MALFORMED),
 ]
 

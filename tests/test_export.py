@@ -78,8 +78,10 @@ def test_metadata_round_trip(tmp_path):
     result = export_model(out, "A", str(weights), normalization="paper", train_scales=[96, 128], log=quiet)
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     from_props = ModelInfo.from_metadata_props(props, str(out))
-    from_sidecar = ModelInfo.from_json_dict(json.loads(open(sidecar_path(str(out))).read()), "sidecar")
+    sidecar = json.loads(open(sidecar_path(str(out))).read())
+    from_sidecar = ModelInfo.from_json_dict(sidecar, "sidecar")
     assert from_props == from_sidecar == result.info
+    assert list(props) == ["vgg_onnx"] and json.loads(props["vgg_onnx"]) == sidecar  # one document, one key
     assert from_props.config == "A" and from_props.num_classes == 10 and from_props.crop_size == 64
     assert from_props.width_mult == 0.125 and from_props.train_scales == [96, 128]
     assert from_props.test_scales == [96, 112, 128]

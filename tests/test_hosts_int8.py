@@ -93,14 +93,9 @@ def test_node_host_runs_the_int8_graph_as_onnxruntime_does(node_host, int8_model
 
 def with_precision(model: Path, precision: str, out: Path) -> Path:
     """A copy of `model` whose metadata states `precision` (no sidecar beside it)."""
-    import onnx
+    from metadata_edit import edited_model
 
-    proto = onnx.load(str(model))
-    for prop in proto.metadata_props:
-        if prop.key == "precision":
-            prop.value = precision
-    onnx.save(proto, str(out))
-    return out
+    return edited_model(model, out, precision=precision)
 
 
 @pytest.mark.parametrize("variant, evidence", [

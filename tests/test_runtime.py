@@ -279,19 +279,10 @@ def test_matmul_graph_is_what_onnx_helper_builds_and_measures():
 # --- the model's metadata, checked once at load ----------------------------------------------
 
 def model_with_metadata(small_model, folder, **changes) -> Path:
-    """The small model with some metadata_props values replaced (JSON-encoded as export does)."""
-    import json
+    """The small model with some fields of its metadata document replaced."""
+    from metadata_edit import edited_model
 
-    import onnx
-
-    proto = onnx.load(str(small_model))
-    for prop in proto.metadata_props:
-        if prop.key in changes:
-            value = changes[prop.key]
-            prop.value = value if isinstance(value, str) else json.dumps(value)
-    path = folder / f"bad_{'_'.join(changes)}.onnx"
-    onnx.save(proto, str(path))
-    return path
+    return edited_model(small_model, folder / f"bad_{'_'.join(changes)}.onnx", **changes)
 
 
 @pytest.mark.parametrize("changes,message", [
@@ -318,6 +309,28 @@ def test_bad_metadata_is_one_line_at_load_exit_1(small_model, tmp_path, changes,
     assert result.exit_code == 1 and not out.exists()
     errors = [line for line in result.stderr.splitlines() if line.startswith("vgg-onnx: error:")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr
+
+
+def test_metadata_is_one_versioned_document(small_model, tmp_path):
+    """One metadata_props key holding the sidecar's document; other versions refused by name."""
+    import json
+
+    import onnx
+    from metadata_edit import edited_model, legacy_layout_model
+
+    from vgg_onnx.metadata import FORMAT_VERSION, METADATA_KEY, ModelInfo
+
+    props = {p.key: p.value for p in onnx.load(str(small_model)).metadata_props}
+    document = json.loads(props[METADATA_KEY])
+    assert list(props) == [METADATA_KEY] and document["vgg_onnx_format"] == FORMAT_VERSION == 2
+    for version, message in [("2", 'metadata format "2"'), (3, "metadata format 3"), (2.0, "metadata format 2.0"),
+                             (True, "metadata format true")]:
+        with pytest.raises(VggOnnxError, match=message):
+            ModelSession(edited_model(small_model, tmp_path / "v.onnx", vgg_onnx_format=version), "cpu")
+    with pytest.raises(VggOnnxError, match="exported by vgg-onnx 0.1 .*export it again"):
+        ModelSession(legacy_layout_model(small_model, tmp_path / "legacy.onnx"), "cpu")
+    # version 1's JSON documents (checkpoints written by vgg-onnx 0.1) have the same fields and still read
+    assert ModelInfo.from_json_dict(document | {"vgg_onnx_format": "1"}) == ModelInfo.from_json_dict(document)
 
 
 def test_threads_are_bounded_by_the_cpus():

@@ -97,10 +97,8 @@ def test_checkpoint_export_runtime_round_trip(trained, shapes):
     model.load_state_dict(load_weights(trained / "best.safetensors"))
     proto, _ = compile_model(model, info)
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    props = dict(proto.metadata_props.items()) if hasattr(proto.metadata_props, "items") else {
-        p.key: p.value for p in proto.metadata_props}
-    assert json.loads(props["train_scales"]) == [36, 48]
-    assert json.loads(props["test_scales"]) == [36, 42, 48]
+    compiled = ModelInfo.from_metadata_props({p.key: p.value for p in proto.metadata_props})
+    assert compiled.train_scales == [36, 48] and compiled.test_scales == [36, 42, 48]
 
     images = sorted((shapes / "val").glob("*/*.png"))[::5]
     crops = np.stack([centre_crop(load_image(p), 42, 32) for p in images])

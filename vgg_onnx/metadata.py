@@ -1,9 +1,10 @@
 """What a compiled model (or one of our checkpoints) says about itself.
 
-One description, `ModelInfo`, written by export into the ONNX graph's `metadata_props` (every
-value a string; structured values as JSON) and into a JSON file beside the model for hosts
-that cannot read metadata_props; read back by the runtime and the embedding hosts. Our
-training checkpoints carry the same fields in their JSON.
+One description, `ModelInfo`, as one versioned JSON document: export writes it into the ONNX
+graph's `metadata_props` under the one key `vgg_onnx`, and the same document into a JSON file
+beside the model for hosts that cannot read metadata_props; every host (this module, the C++
+host, runtime/js/vgg-core.js) parses it once, as JSON, and checks its `vgg_onnx_format`. Our
+training checkpoints carry the same document, plus their training state, in their JSON.
 """
 
 from __future__ import annotations
@@ -18,10 +19,16 @@ from .normalization import Normalization
 from .preprocessing import CONVENTIONS
 from .scales import default_test_scales
 
-__all__ = ["FORMAT_KEY", "FORMAT_VERSION", "INPUT_NAME", "ModelInfo", "PROBS_NAME", "SCORES_NAME", "sidecar_path"]
+__all__ = ["FORMAT_KEY", "FORMAT_VERSION", "INPUT_NAME", "METADATA_KEY", "ModelInfo", "PROBS_NAME", "SCORES_NAME",
+           "sidecar_path"]
 
-FORMAT_KEY = "vgg_onnx_format"
-FORMAT_VERSION = "1"
+METADATA_KEY = "vgg_onnx"  # the one metadata_props key: its value is the whole document, as JSON
+FORMAT_KEY = "vgg_onnx_format"  # the document's version field
+FORMAT_VERSION = 2
+# Version 1 (vgg-onnx 0.1) had the same fields, with the version as the string "1"; its .onnx files
+# spread them over one metadata_props key each. Its JSON documents (checkpoints, sidecars) still
+# read as they are; its .onnx files are refused with what to do.
+LEGACY_FORMAT_VERSION = "1"
 
 # the graph's interface, fixed for every export
 INPUT_NAME = "image"
@@ -76,13 +83,20 @@ class ModelInfo:
         } | ({"calibration": dict(self.calibration)} if self.calibration is not None else {})
 
     def to_metadata_props(self) -> dict[str, str]:
-        """Flat string map for ONNX metadata_props: strings as they are, everything else as JSON."""
-        return {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.to_json_dict().items()}
+        """ONNX metadata_props: the one key METADATA_KEY, whose value is the document as JSON."""
+        return {METADATA_KEY: json.dumps(self.to_json_dict(), separators=(",", ":"))}
 
     @classmethod
     def from_json_dict(cls, d: dict, source: str = "model") -> "ModelInfo":
-        if str(d.get(FORMAT_KEY)) != FORMAT_VERSION:
+        """The document (a sidecar's, a checkpoint's, or the one in metadata_props), checked whole."""
+        version = d.get(FORMAT_KEY) if isinstance(d, dict) else None
+        if version == LEGACY_FORMAT_VERSION:
+            pass  # the same fields (see LEGACY_FORMAT_VERSION)
+        elif version is None:
             raise VggOnnxError(f"{source}: no vgg-onnx metadata (not exported by vgg-onnx export)")
+        elif type(version) is not int or version != FORMAT_VERSION:  # 2.0, true, "2": not a version we write
+            raise VggOnnxError(f"{source}: vgg-onnx metadata format {json.dumps(version)[:20]}, this version "
+                               f"reads format {FORMAT_VERSION}")
         try:
             return cls(
                 config=d["config"],
@@ -104,18 +118,21 @@ class ModelInfo:
 
     @classmethod
     def from_metadata_props(cls, props: dict[str, str], source: str = "model") -> "ModelInfo":
-        decoded = {}
-        for key, value in props.items():
-            try:
-                decoded[key] = json.loads(value)
-            except (json.JSONDecodeError, TypeError, RecursionError):  # RecursionError: forged, deeply nested
-                decoded[key] = value
-        # values that are strings were stored as they are; a JSON-looking string stays decoded
-        decoded[FORMAT_KEY] = props.get(FORMAT_KEY)
-        for key in ("config", "weights_source", "weights_sha256", "precision", "vgg_onnx_version"):
-            if key in props:
-                decoded[key] = props[key]
-        return cls.from_json_dict(decoded, source)
+        """The document under METADATA_KEY in an ONNX file's metadata_props, parsed once."""
+        if METADATA_KEY not in props:
+            if FORMAT_KEY in props:  # version 1's layout: one key per field
+                raise VggOnnxError(f"{source}: exported by vgg-onnx 0.1 (metadata format 1): export it again "
+                                   f"with this version (vgg-onnx export)")
+            raise VggOnnxError(f"{source}: no vgg-onnx metadata (not exported by vgg-onnx export)")
+        try:
+            document = json.loads(props[METADATA_KEY])
+        except (json.JSONDecodeError, TypeError, RecursionError):  # RecursionError: forged, deeply nested
+            raise VggOnnxError(f"{source}: malformed vgg-onnx metadata (the {METADATA_KEY!r} value is not "
+                               f"JSON)") from None
+        if not isinstance(document, dict):
+            raise VggOnnxError(f"{source}: malformed vgg-onnx metadata (the {METADATA_KEY!r} value is not a "
+                               f"JSON object)")
+        return cls.from_json_dict(document, source)
 
 
 def _calibration(value) -> dict | None:

@@ -6,7 +6,8 @@
 // rescales the image and runs the same .onnx file Python runs (cv::dnn::readNetFromONNX).
 // OpenCV 4.6's importer runs this graph one image at a time, for any H and W, so the image and
 // its mirror are two runs. The model's metadata (classes, test scales) is read from the .onnx
-// file's metadata_props, or from the JSON file export writes beside it, and validated once at
+// file's metadata_props (one JSON document, key "vgg_onnx"), or from the same document in the
+// JSON file export writes beside it, and validated once at
 // load. Images are decoded by the rules of docs/decoding.md, as `vgg-onnx infer` does.
 // An int8 model (`vgg-onnx quantize`) is refused in one line: OpenCV 4.6 cannot import its graph.
 #include <algorithm>
@@ -331,16 +332,6 @@ json parse_json(const std::string& text) {  // discarded when not JSON or nested
     return nested_deeper_than(text, MAX_JSON_DEPTH) ? json(json::value_t::discarded) : json::parse(text, nullptr, false);
 }
 
-// metadata_props values are strings, structured ones JSON: decode them into the sidecar's shape.
-json decode_props(const std::map<std::string, std::string>& props) {
-    json meta = json::object();
-    for (const auto& [key, value] : props) {
-        json parsed = parse_json(value);
-        meta[key] = parsed.is_discarded() ? json(value) : parsed;
-    }
-    return meta;
-}
-
 json read_sidecar(const std::string& model_path) {  // vgg_D.onnx -> vgg_D.json, written by export
     std::string sidecar = model_path.size() > 5 && model_path.compare(model_path.size() - 5, 5, ".onnx") == 0
                               ? model_path.substr(0, model_path.size() - 5) + ".json"
@@ -411,11 +402,18 @@ ModelInfo read_model_info(const std::string& model_path) {
     std::ifstream in(model_path, std::ios::binary);
     if (!in) throw std::runtime_error(model_path + ": cannot read: " + std::strerror(errno));
     OnnxFacts facts = read_onnx_facts(in, std::streamoff(size));
-    json meta = decode_props(facts.props);
-    if (meta.empty()) meta = read_sidecar(model_path);
+    // One JSON document (docs/decoding.md, "The model"): metadata_props["vgg_onnx"], else the sidecar.
+    const auto document = facts.props.find("vgg_onnx");
+    if (document == facts.props.end() && facts.props.count("vgg_onnx_format"))
+        throw std::runtime_error(model_path + ": exported by vgg-onnx 0.1 (metadata format 1): export it again with this version");
+    const json meta = document != facts.props.end() ? parse_json(document->second) : read_sidecar(model_path);
+    if (document != facts.props.end() && !meta.is_object())
+        throw std::runtime_error(model_path + ": malformed vgg-onnx metadata (the \"vgg_onnx\" value is not a JSON object)");
     const json format = meta.is_object() ? meta.value("vgg_onnx_format", json()) : json();
-    if (format != json("1") && format != json(1))
+    if (format.is_null())
         throw std::runtime_error(model_path + ": no vgg-onnx metadata (not exported by vgg-onnx export)");
+    if (!format.is_number_integer() || format.get<int64_t>() != 2)
+        throw std::runtime_error(model_path + ": vgg-onnx metadata format " + brief(format) + ", this host reads format 2");
     if (!facts.well_formed) throw std::runtime_error(model_path + ": not a well-formed ONNX file (truncated or corrupt)");
     if (!facts.tensors_match_dims) throw std::runtime_error(model_path + ": not a well-formed ONNX file (a tensor's data does not match its dims)");
     check_not_int8(model_path, meta, facts);

@@ -51,17 +51,24 @@
 
   const utf8 = new TextDecoder('utf-8');
 
+  // metadata_props as { key: value } strings; vgg-onnx writes one key, METADATA_KEY, whose value
+  // is the model's metadata document as JSON (the same document as the JSON sidecar).
+  const METADATA_KEY = 'vgg_onnx';
+  const FORMAT_VERSION = 2;
+
   function readMetadataProps(onnxBytes) {
     const props = Object.create(null); // a key named __proto__ is a key like any other
     for (const [field, , entry] of fields(onnxBytes)) {
       if (field !== 14 || !entry) continue;
       const kv = ['', ''];
       for (const [f, , text] of fields(entry)) if ((f === 1 || f === 2) && text) kv[f - 1] = utf8.decode(text);
-      // values are strings, structured ones JSON: decode them into the shape of the JSON sidecar
-      try { props[kv[0]] = JSON.parse(kv[1]); } catch { props[kv[0]] = kv[1]; }
+      props[kv[0]] = kv[1];
     }
     return props;
   }
+
+  // Whether the file holds its own metadata document (else the host reads the JSON sidecar).
+  const hasMetadata = (props) => METADATA_KEY in props;
 
   function brief(value) { // a value quoted in a message, cut to one short line
     let text;
@@ -89,15 +96,29 @@
     return { classes, testScales, cropSize };
   }
 
-  // { classes, testScales, cropSize } from the metadata (the .onnx file's own, or else its JSON
-  // sidecar's), with the one-line messages of docs/decoding.md §5 naming the model.
+  // { config, classes, testScales, cropSize } from the metadata document (the .onnx file's own,
+  // parsed once here, or else its JSON sidecar's), with the one-line messages of docs/decoding.md
+  // §5 naming the model.
   function modelInfo(modelName, props, sidecar) {
-    const meta = Object.keys(props).length ? props : sidecar;
-    if (!meta || String(meta.vgg_onnx_format) !== '1') {
+    let meta = sidecar;
+    if (hasMetadata(props)) {
+      try {
+        meta = JSON.parse(props[METADATA_KEY]);
+      } catch (e) { // not JSON, or nested too deep to parse
+        throw new Error(`${modelName}: malformed vgg-onnx metadata (the '${METADATA_KEY}' value is not JSON)`);
+      }
+    } else if ('vgg_onnx_format' in props) { // version 1's layout: one key per field
+      throw new Error(`${modelName}: exported by vgg-onnx 0.1 (metadata format 1): export it again with this version`);
+    }
+    const format = meta && typeof meta === 'object' ? meta.vgg_onnx_format : undefined;
+    if (format === undefined || format === null) {
       throw new Error(`${modelName}: no vgg-onnx metadata (not exported by vgg-onnx export)`);
     }
+    if (format !== FORMAT_VERSION) {
+      throw new Error(`${modelName}: vgg-onnx metadata format ${brief(format)}, this host reads format ${FORMAT_VERSION}`);
+    }
     try {
-      return validateMetadata(meta);
+      return { config: typeof meta.config === 'string' ? meta.config : '', ...validateMetadata(meta) };
     } catch (e) {
       throw new Error(`${modelName}: malformed vgg-onnx metadata (${e.message})`);
     }
@@ -351,7 +372,7 @@
 
   return {
     TOP_K, MAX_IMAGE_BYTES, MAX_MODEL_BYTES, DEFAULT_MAX_PIXELS, ImageError,
-    readMetadataProps, validateMetadata, modelInfo, checkClassCount,
+    readMetadataProps, hasMetadata, validateMetadata, modelInfo, checkClassCount,
     imageSizeFromHeader, checkImageBytes, to8Bit, rgbaToRgb,
     rescaledSize, rescale, toTensorData, denseEvaluate, topK,
   };

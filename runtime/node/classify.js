@@ -73,7 +73,7 @@ function commandLineBytes() {
   }
 }
 
-// The graph and its metadata: { session, info: { classes, testScales, cropSize } }.
+// The graph and its metadata: { session, info: { config, classes, testScales, cropSize } }.
 async function loadModel(modelPath) {
   let onnxBytes;
   try {
@@ -82,7 +82,7 @@ async function loadModel(modelPath) {
     throw new Error(`${modelPath}: ${e.message}`);
   }
   const props = core.readMetadataProps(onnxBytes);
-  const info = core.modelInfo(modelPath, props, Object.keys(props).length ? null : readSidecar(modelPath));
+  const info = core.modelInfo(modelPath, props, core.hasMetadata(props) ? null : readSidecar(modelPath));
   const length = commandLineBytes();
   if (length > MAX_COMMAND_LINE) {
     throw new Error(`this process's command line is ${length} bytes; onnxruntime-node crashes above about ${MAX_COMMAND_LINE}`);

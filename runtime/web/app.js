@@ -69,7 +69,7 @@ async function loadModel() {
   const start = performance.now(), threads = configureWasm();
   const bytes = await download(MODEL_URL, 'Downloading the model');
   const props = core.readMetadataProps(bytes);
-  const info = core.modelInfo(MODEL_URL, props, Object.keys(props).length ? null : await fetchSidecar());
+  const info = core.modelInfo(MODEL_URL, props, core.hasMetadata(props) ? null : await fetchSidecar());
   setStatus('Compiling the model (WebAssembly)…', 0, 1);
   let session;
   try {
@@ -81,7 +81,7 @@ async function loadModel() {
   core.checkClassCount(MODEL_URL, probs && Array.isArray(probs.shape) ? probs.shape[1] : undefined, info);
   const seconds = (performance.now() - start) / 1000;
   Object.assign(state, { session, info, loadSeconds: seconds, threads });
-  $('model').textContent = `${props.config ? `VGG-${props.config}, ` : ''}${info.classes.length} classes, `
+  $('model').textContent = `${info.config ? `VGG-${info.config}, ` : ''}${info.classes.length} classes, `
     + `test scales ${info.testScales.join(', ')}; loaded in ${seconds.toFixed(1)} s, `
     + `${threads} WebAssembly thread${threads > 1 ? 's' : ''}${self.crossOriginIsolated ? '' : ' (page not cross-origin isolated)'}`;
 }

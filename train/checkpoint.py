@@ -30,7 +30,7 @@ from safetensors.torch import save as save_safetensors
 from vgg_onnx.errors import VggOnnxError
 from vgg_onnx.metadata import ModelInfo
 
-__all__ = ["json_path_for", "load_checkpoint", "load_newest_whole", "load_weights", "paths", "read_json",
+__all__ = ["json_path_for", "load_checkpoint", "load_newest_whole", "load_trained", "load_weights", "paths", "read_json",
            "save_checkpoint"]
 
 WEIGHTS_SUFFIX = ".safetensors"
@@ -166,6 +166,13 @@ def load_checkpoint(run_dir: str, name: str, with_optimizer: bool = True):
     """(state_dict, JSON document, optimizer state or None), checked to belong together."""
     weights_path, json_path, optim_path = paths(run_dir, name)
     return _load_files(weights_path, json_path, optim_path if with_optimizer else None)
+
+
+def load_trained(weights_path: str) -> tuple[dict, ModelInfo]:
+    """A checkpoint's weights and description (X.safetensors and X.json), checked to belong together."""
+    json_path = json_path_for(weights_path)
+    state, document, _ = _load_files(weights_path, json_path, None)
+    return state, ModelInfo.from_json_dict(document, json_path)
 
 
 def _load_files(weights_path: str, json_path: str, optim_path: str | None):

@@ -14,9 +14,8 @@ import torch
 
 from vgg_onnx.configs import FC_STATE_KEYS, parse_config
 from vgg_onnx.errors import UsageError, VggOnnxError
-from vgg_onnx.metadata import ModelInfo
 
-from .checkpoint import json_path_for, load_weights, read_json
+from .checkpoint import load_trained
 from .model import VGG
 
 FIRST_CONVS = 4
@@ -26,11 +25,7 @@ def init_from_checkpoint(model: VGG, weights_path: str) -> str:
     """Copy layers from a trained checkpoint (ours: weights + JSON beside them); returns what was done."""
     if not os.path.isfile(weights_path):  # before its JSON, which would otherwise be the file named missing
         raise UsageError(f"--init-from {weights_path}: no such file")
-    json_path = json_path_for(weights_path)
-    info = ModelInfo.from_json_dict(read_json(json_path), json_path)
-    if not info.weights_sha256:
-        raise VggOnnxError(f"{json_path}: no weights_sha256 (the weights cannot be checked against it)")
-    source = load_weights(weights_path, info.weights_sha256)
+    source, info = load_trained(weights_path)
     source_config = parse_config(info.config)
     target = model.state_dict()
     if source_config == model.config:

@@ -33,7 +33,8 @@ __all__ = ["quantize_command"]
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the shuffle that picks the held-out and the calibration images.")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.99, show_default=True, metavar="F",
-              help="Least top-1 agreement with the float32 model (dense at its test scales) to write the result.")
+              help="Least top-1 agreement with the float32 model (dense at its test scales) to write the result: "
+                   "refused when the held-out images put it below F with 95% confidence.")
 @click.option("--force", is_flag=True, help="Write the int8 model even below --min-agreement.")
 @click.option("--threads", type=int, metavar="N", help="ONNX Runtime threads for verification. Default: all CPUs.")
 def quantize_command(model, calibration, out, method, limit, held_out, held_out_dir, seed, min_agreement, force,

@@ -180,3 +180,14 @@ def test_a_missing_onnx_names_the_export_extra(small_model, images, tmp_path):
                                  cwd=tmp_path), 2)
     assert "quantize needs the export extra: pip install '.[export]'" in line and "(onnx is not installed)" in line
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_min_agreement_is_held_against_what_the_held_out_images_allow():
+    """Sampling noise on a good model is not a refusal: 98 of 100 may still be 99 % (upper bound
+    99.3 %); 97 of 100, or 15 of 16, rule 99 % out; 7 of 14 (a broken calibration) is far below."""
+    from vgg_onnx.export.quantize import agreement_upper_bound
+
+    assert 0.99 < agreement_upper_bound(98, 100) < 0.995
+    assert agreement_upper_bound(97, 100) < 0.99 and agreement_upper_bound(15, 16) < 0.99
+    assert agreement_upper_bound(7, 14) < 0.75 and agreement_upper_bound(16, 16) == pytest.approx(1.0)
+    assert agreement_upper_bound(396, 400) < agreement_upper_bound(99, 100)  # more images, a tighter bound

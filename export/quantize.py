@@ -197,20 +197,31 @@ def calibrate(model: str, batches: Iterator[dict], method: str, work: str) -> st
     return cache
 
 
-def quantize_graph(model: str, out: str, ranges: str, method: str) -> dict:
+def first_conv(model: str) -> str:
+    """The name of the graph's first convolution (conv1_1, on the image itself)."""
+    import onnx
+
+    graph = onnx.load(model, load_external_data=False).graph
+    return next(node.name for node in graph.node if node.op_type == "Conv")
+
+
+def quantize_graph(model: str, out: str, ranges: str, method: str, int8_first_conv: bool = False) -> dict:
     """ONNX Runtime's quantize_static of `model` into `out` with the calibrated `ranges`; returns
-    the settings used."""
+    the settings used. Unless `int8_first_conv`, the first convolution stays float32: it reads the
+    image's 3 channels (about 1 % of VGG-D's work, 4-10 % of its int8 time) and, quantized, cost
+    the trained VGG-A a quarter of its disagreements with float32 (docs/benchmarks.md)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     activations, reduce_range = activation_type()
+    float_layers = [] if int8_first_conv else [first_conv(model)]
     with _quiet_quantizer():
         quantize_static(model, out, None, quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS,
                         per_channel=True, reduce_range=reduce_range,
                         activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
                         weight_type=QuantType.QInt8, calibrate_method=_ort_method(method),
-                        calibration_cache_path=ranges)
+                        calibration_cache_path=ranges, nodes_to_exclude=float_layers)
     return {"activations": activations, "weights": "int8 per-channel" + (" (7-bit range)" if reduce_range else ""),
-            "format": "QDQ"}
+            "format": "QDQ", "float32_layers": float_layers}
 
 
 def _network(session):
@@ -298,6 +309,7 @@ def _check_paths(model: str, out: str) -> None:
 def quantize_model(model: str, calibration: str, out: str, method: str = "minmax", limit: int = DEFAULT_LIMIT,
                    held_out: int = DEFAULT_HELD_OUT, held_out_dir: str | None = None, seed: int = 0,
                    min_agreement: float = 0.99, force: bool = False, threads: int | None = None,
+                   int8_first_conv: bool = False,
                    log: Log = lambda m: None) -> QuantizeResult:
     """Quantize `model` to int8 into `out` (and its JSON) after checking it against `model`; see
     `vgg-onnx quantize --help`. Raises VggOnnxError (nothing written) below `min_agreement`."""
@@ -324,7 +336,7 @@ def quantize_model(model: str, calibration: str, out: str, method: str = "minmax
         quantized = os.path.join(work, "int8.onnx")
         with _progress(len(calibrate_on), "calibrating") as bar:
             ranges = calibrate(model, calibration_inputs(calibrate_on, info, skipped, bar), method, work)
-        settings = quantize_graph(model, quantized, ranges, method)
+        settings = quantize_graph(model, quantized, ranges, method, int8_first_conv)
         used = len(calibrate_on) - len(skipped)
         calibration_info = {"method": method, "images": used, "folder": os.path.basename(os.path.abspath(calibration)),
                             "seed": seed, "scales": list(info.test_scales),

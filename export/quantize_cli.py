@@ -37,8 +37,11 @@ __all__ = ["quantize_command"]
                    "refused when the held-out images put it below F with 95% confidence.")
 @click.option("--force", is_flag=True, help="Write the int8 model even below --min-agreement.")
 @click.option("--threads", type=int, metavar="N", help="ONNX Runtime threads for verification. Default: all CPUs.")
+@click.option("--int8-first-conv", is_flag=True,
+              help="Quantize conv1_1 too (by default it stays float32): 4-10% faster, less accurate "
+                   "(docs/benchmarks.md).")
 def quantize_command(model, calibration, out, method, limit, held_out, held_out_dir, seed, min_agreement, force,
-                     threads):
+                     threads, int8_first_conv):
     """Quantize a float32 vgg-onnx MODEL to int8 (ONNX Runtime static quantization, QDQ, per-channel
     weights), calibrated on real images through the project's preprocessing at the model's test
     scales, dense and crop inputs both.
@@ -53,7 +56,7 @@ def quantize_command(model, calibration, out, method, limit, held_out, held_out_
 
     result = quantize_model(model, calibration, out, method=method, limit=limit, held_out=held_out,
                             held_out_dir=held_out_dir, seed=seed, min_agreement=min_agreement, force=force,
-                            threads=threads, log=lambda m: click.echo(m, err=True))
+                            threads=threads, int8_first_conv=int8_first_conv, log=lambda m: click.echo(m, err=True))
     for problem in result.skipped:
         click.echo(f"vgg-onnx: skipped {problem}", err=True)
     click.echo(f"vgg-onnx: wrote {result.out} and {result.sidecar}", err=True)

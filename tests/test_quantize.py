@@ -100,6 +100,33 @@ def test_the_int8_graph_holds_int8_convolutions(quantized):
     assert sum(n.op_type == "QuantizeLinear" for n in graph.node) >= 3  # activations too, not just weights
 
 
+def test_every_conv_but_the_first_is_int8(quantized):
+    """conv1_1 reads the image and stays float32 (the recipe in docs/benchmarks.md); the rest are int8."""
+    import onnx
+
+    out, report = quantized
+    graph = onnx.load(str(out)).graph
+    weights = {i.name: i for i in graph.initializer}
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert convs[0].name == "conv1_1" and weights[convs[0].input[1]].data_type == onnx.TensorProto.FLOAT
+    assert all(conv.input[1] in dequantized for conv in convs[1:])
+    assert report["calibration"]["float32_layers"] == ["conv1_1"]
+
+
+def test_int8_first_conv_quantizes_conv1_1_too(small_model, images, tmp_path):
+    import onnx
+
+    out = tmp_path / "all.int8.onnx"
+    result = run_cli("quantize", small_model, "--calibration", images, "--out", out, "--limit", "3",
+                     "--held-out", "3", "--min-agreement", "0", "--int8-first-conv")
+    assert result.returncode == 0, result.stderr
+    graph = onnx.load(str(out)).graph
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    assert all(n.input[1] in dequantized for n in graph.node if n.op_type == "Conv")
+    assert json.loads(result.stdout)["calibration"]["float32_layers"] == []
+
+
 def test_a_constant_calibration_image_is_refused_and_nothing_is_written(small_model, images, tmp_path):
     constant = tmp_path / "grey"
     constant.mkdir()

@@ -87,6 +87,19 @@ def test_verdicts_follow_the_measurements(work: Path):
     assert verdicts["Glorot initialisation works without pre-training A"] == "pending"
 
 
+def test_test_time_findings_use_d_while_d_jitter_is_not_measured(work: Path):
+    """Multi-scale and multi-crop gains are judged on D until D-jitter's evaluations exist."""
+    for key in ("D-jitter_Q219", "D-jitter_multiscale", "D-jitter_methods"):
+        (work / "eval" / f"{key}.json").unlink()
+    write_eval(work, "D_methods", [("D.onnx", {"dense": 30.0, "multi-crop": 29.0, "both": 31.5})], images=1000)
+    rows = {f["claim"]: f for f in st.findings(st.collect(BUDGET, str(work)))}
+    multi_scale = rows["Multi-scale testing beats one test scale"]
+    complementary = rows["Dense and multi-crop are complementary"]
+    assert multi_scale["compared"].startswith("D, 3 scales") and multi_scale["verdict"] == "reproduced"  # 28.5 vs 32.5
+    assert complementary["compared"].startswith("D: both") and complementary["verdict"] == "inconclusive"  # 31.5 vs 29
+    assert rows["Scale jittering in training beats a fixed S"]["verdict"] == "pending"
+
+
 def test_opposite_result_is_not_reproduced():
     deeper = st.Finding("Deeper is better", "D vs A", "lower")
     verdict, reason = st.verdict(deeper, (45.0, 15.0, IMAGES), (40.0, 13.0, IMAGES), "width 0.125")

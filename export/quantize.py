@@ -208,7 +208,7 @@ def first_conv(model: str) -> str:
 def quantize_graph(model: str, out: str, ranges: str, method: str, int8_first_conv: bool = False) -> dict:
     """ONNX Runtime's quantize_static of `model` into `out` with the calibrated `ranges`; returns
     the settings used. Unless `int8_first_conv`, the first convolution stays float32: it reads the
-    image's 3 channels (about 1 % of VGG-D's work, 4-10 % of its int8 time) and, quantized, cost
+    image's 3 channels (about 1 % of VGG-D's work; float32, it adds 4-11 % to the int8 time) and, quantized, cost
     the trained VGG-A a quarter of its disagreements with float32 (docs/benchmarks.md)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 

@@ -26,7 +26,7 @@ def edited_model(model: Path, out: Path, *, raw: str | None = None, **changes) -
 
 
 def legacy_layout_model(model: Path, out: Path) -> Path:
-    """A copy of `model` with its metadata spread over one key a field, as vgg-onnx 0.1 wrote it."""
+    """A copy of `model` with its metadata spread over one key a field, as format 1 stored it."""
     import onnx
 
     proto = onnx.load(str(model))

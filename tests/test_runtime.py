@@ -327,9 +327,9 @@ def test_metadata_is_one_versioned_document(small_model, tmp_path):
                              (True, "metadata format true")]:
         with pytest.raises(VggOnnxError, match=message):
             ModelSession(edited_model(small_model, tmp_path / "v.onnx", vgg_onnx_format=version), "cpu")
-    with pytest.raises(VggOnnxError, match="exported by vgg-onnx 0.1 .*export it again"):
+    with pytest.raises(VggOnnxError, match=r"metadata format 1 \(an older vgg-onnx.*export it again"):
         ModelSession(legacy_layout_model(small_model, tmp_path / "legacy.onnx"), "cpu")
-    # version 1's JSON documents (checkpoints written by vgg-onnx 0.1) have the same fields and still read
+    # version 1's JSON documents (checkpoints written before format 2) have the same fields and still read
     assert ModelInfo.from_json_dict(document | {"vgg_onnx_format": "1"}) == ModelInfo.from_json_dict(document)
 
 

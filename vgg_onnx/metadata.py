@@ -25,7 +25,7 @@ __all__ = ["FORMAT_KEY", "FORMAT_VERSION", "INPUT_NAME", "METADATA_KEY", "ModelI
 METADATA_KEY = "vgg_onnx"  # the one metadata_props key: its value is the whole document, as JSON
 FORMAT_KEY = "vgg_onnx_format"  # the document's version field
 FORMAT_VERSION = 2
-# Version 1 (vgg-onnx 0.1) had the same fields, with the version as the string "1"; its .onnx files
+# Version 1 (before the one-document layout) had the same fields, with the version as the string "1"; its .onnx files
 # spread them over one metadata_props key each. Its JSON documents (checkpoints, sidecars) still
 # read as they are; its .onnx files are refused with what to do.
 LEGACY_FORMAT_VERSION = "1"
@@ -121,7 +121,7 @@ class ModelInfo:
         """The document under METADATA_KEY in an ONNX file's metadata_props, parsed once."""
         if METADATA_KEY not in props:
             if FORMAT_KEY in props:  # version 1's layout: one key per field
-                raise VggOnnxError(f"{source}: exported by vgg-onnx 0.1 (metadata format 1): export it again "
+                raise VggOnnxError(f"{source}: metadata format 1 (an older vgg-onnx, one key a field): export it again "
                                    f"with this version (vgg-onnx export)")
             raise VggOnnxError(f"{source}: no vgg-onnx metadata (not exported by vgg-onnx export)")
         try:

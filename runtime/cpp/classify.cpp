@@ -405,7 +405,7 @@ ModelInfo read_model_info(const std::string& model_path) {
     // One JSON document (docs/decoding.md, "The model"): metadata_props["vgg_onnx"], else the sidecar.
     const auto document = facts.props.find("vgg_onnx");
     if (document == facts.props.end() && facts.props.count("vgg_onnx_format"))
-        throw std::runtime_error(model_path + ": exported by vgg-onnx 0.1 (metadata format 1): export it again with this version");
+        throw std::runtime_error(model_path + ": metadata format 1 (an older vgg-onnx, one key a field): export it again with this version");
     const json meta = document != facts.props.end() ? parse_json(document->second) : read_sidecar(model_path);
     if (document != facts.props.end() && !meta.is_object())
         throw std::runtime_error(model_path + ": malformed vgg-onnx metadata (the \"vgg_onnx\" value is not a JSON object)");

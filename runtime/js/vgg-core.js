@@ -108,7 +108,7 @@
         throw new Error(`${modelName}: malformed vgg-onnx metadata (the '${METADATA_KEY}' value is not JSON)`);
       }
     } else if ('vgg_onnx_format' in props) { // version 1's layout: one key per field
-      throw new Error(`${modelName}: exported by vgg-onnx 0.1 (metadata format 1): export it again with this version`);
+      throw new Error(`${modelName}: metadata format 1 (an older vgg-onnx, one key a field): export it again with this version`);
     }
     const format = meta && typeof meta === 'object' ? meta.vgg_onnx_format : undefined;
     if (format === undefined || format === null) {

@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from vgg_onnx.atomic import atomic_path, atomic_write_text, check_writable
+from vgg_onnx.configs import parse_config
 from vgg_onnx.decoding import load_image
 from vgg_onnx.errors import ImageError, UsageError, VggOnnxError
 from vgg_onnx.metadata import INPUT_NAME, ModelInfo, sidecar_path
@@ -197,15 +198,8 @@ def calibrate(model: str, batches: Iterator[dict], method: str, work: str) -> st
     return cache
 
 
-def first_conv(model: str) -> str:
-    """The name of the graph's first convolution (conv1_1, on the image itself)."""
-    import onnx
-
-    graph = onnx.load(model, load_external_data=False).graph
-    return next(node.name for node in graph.node if node.op_type == "Conv")
-
-
-def quantize_graph(model: str, out: str, ranges: str, method: str, int8_first_conv: bool = False) -> dict:
+def quantize_graph(model: str, out: str, ranges: str, method: str, info: ModelInfo,
+                   int8_first_conv: bool = False) -> dict:
     """ONNX Runtime's quantize_static of `model` into `out` with the calibrated `ranges`; returns
     the settings used. Unless `int8_first_conv`, the first convolution stays float32: it reads the
     image's 3 channels (about 1 % of VGG-D's work; float32, it adds 4-11 % to the int8 time) and, quantized, cost
@@ -213,7 +207,8 @@ def quantize_graph(model: str, out: str, ranges: str, method: str, int8_first_co
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     activations, reduce_range = activation_type()
-    float_layers = [] if int8_first_conv else [first_conv(model)]
+    # the compiler names each graph node after its layer spec (conv1_1 ...), so the table names it
+    float_layers = [] if int8_first_conv else [parse_config(info.config).conv_layers()[0].name]
     with _quiet_quantizer():
         quantize_static(model, out, None, quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS,
                         per_channel=True, reduce_range=reduce_range,
@@ -336,7 +331,7 @@ def quantize_model(model: str, calibration: str, out: str, method: str = "minmax
         quantized = os.path.join(work, "int8.onnx")
         with _progress(len(calibrate_on), "calibrating") as bar:
             ranges = calibrate(model, calibration_inputs(calibrate_on, info, skipped, bar), method, work)
-        settings = quantize_graph(model, quantized, ranges, method, int8_first_conv)
+        settings = quantize_graph(model, quantized, ranges, method, info, int8_first_conv)
         used = len(calibrate_on) - len(skipped)
         calibration_info = {"method": method, "images": used, "folder": os.path.basename(os.path.abspath(calibration)),
                             "seed": seed, "scales": list(info.test_scales),

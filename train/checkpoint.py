@@ -30,8 +30,8 @@ from safetensors.torch import save as save_safetensors
 from vgg_onnx.errors import VggOnnxError
 from vgg_onnx.metadata import ModelInfo
 
-__all__ = ["json_path_for", "load_checkpoint", "load_newest_whole", "load_trained", "load_weights", "paths", "read_json",
-           "save_checkpoint"]
+__all__ = ["json_path_for", "load_checkpoint", "load_newest_whole", "load_trained", "load_weights", "paths",
+           "read_json", "save_checkpoint"]
 
 WEIGHTS_SUFFIX = ".safetensors"
 OPTIM_SUFFIX = ".optim.pt"
@@ -170,17 +170,21 @@ def load_checkpoint(run_dir: str, name: str, with_optimizer: bool = True):
 
 def load_trained(weights_path: str) -> tuple[dict, ModelInfo]:
     """A checkpoint's weights and description (X.safetensors and X.json), checked to belong together."""
-    json_path = json_path_for(weights_path)
-    state, document, _ = _load_files(weights_path, json_path, None)
-    return state, ModelInfo.from_json_dict(document, json_path)
+    state, _, info = _load_checked(weights_path, json_path_for(weights_path))
+    return state, info
 
 
-def _load_files(weights_path: str, json_path: str, optim_path: str | None):
+def _load_checked(weights_path: str, json_path: str) -> tuple[dict, dict, ModelInfo]:
+    """(weights, JSON document, its ModelInfo), the weights checked against the document's hash."""
     document = read_json(json_path)
     info = ModelInfo.from_json_dict(document, json_path)
     if not info.weights_sha256:  # an empty hash must not switch the integrity check off
         raise VggOnnxError(f"{json_path}: no weights_sha256 (the weights cannot be checked against it)")
-    state = load_weights(weights_path, info.weights_sha256)
+    return load_weights(weights_path, info.weights_sha256), document, info
+
+
+def _load_files(weights_path: str, json_path: str, optim_path: str | None):
+    state, document, _ = _load_checked(weights_path, json_path)
     if optim_path is None:
         return state, document, None
     try:

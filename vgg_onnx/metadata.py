@@ -25,9 +25,9 @@ __all__ = ["FORMAT_KEY", "FORMAT_VERSION", "INPUT_NAME", "METADATA_KEY", "ModelI
 METADATA_KEY = "vgg_onnx"  # the one metadata_props key: its value is the whole document, as JSON
 FORMAT_KEY = "vgg_onnx_format"  # the document's version field
 FORMAT_VERSION = 2
-# Version 1 (before the one-document layout) had the same fields, with the version as the string "1"; its .onnx files
-# spread them over one metadata_props key each. Its JSON documents (checkpoints, sidecars) still
-# read as they are; its .onnx files are refused with what to do.
+# Version 1 (before the one-document layout) had the same fields, with the version as the string
+# "1"; its .onnx files spread them over one metadata_props key each. Its JSON documents
+# (checkpoints, sidecars) still read as they are; its .onnx files are refused with what to do.
 LEGACY_FORMAT_VERSION = "1"
 
 # the graph's interface, fixed for every export

@@ -581,6 +581,10 @@ def train(args: TrainArgs) -> dict:
     """Train (this process's share, under torchrun); returns the run's summary."""
     proc = setup()
     try:
-        return Trainer(args, proc).run()
+        summary = Trainer(args, proc).run()
+        # rank 0 plots while the others wait here: no process leaves (rank 0's leaving ends the job's
+        # key-value store) while another still talks to it
+        barrier()
+        return summary
     finally:
         cleanup()

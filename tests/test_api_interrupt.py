@@ -10,13 +10,18 @@ import time
 
 import cv2
 import numpy as np
+import pytest
 
 from conftest import PYTHON, REPO
 
 # Runs the CLI with decoding of any file named "block*" stuck forever (after saying so in a
 # marker file), the way a worker hangs in open() on a FIFO.
 BLOCKING_CLI = """
-import pathlib, sys, threading
+import faulthandler, pathlib, signal, sys, threading
+# Ctrl-C works as in a terminal even when the test runner was started in the background (`cmd &`
+# ignores SIGINT, and the ignoring is inherited); every thread's stack is printed on SIGUSR1
+signal.signal(signal.SIGINT, signal.default_int_handler)
+faulthandler.register(signal.SIGUSR1, all_threads=True)
 import vgg_onnx.runtime.evaluate as evaluate
 marker, real = pathlib.Path(sys.argv[1]), evaluate.to_rgb
 def to_rgb(source, max_pixels):
@@ -44,6 +49,12 @@ def interrupted_run(marker, cli_env, args: list[str], seconds: float = 120.0):
     sent = time.monotonic()
     try:
         out, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)  # where it hangs, for the failure message
+        time.sleep(2)
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"still running 20 s after Ctrl-C; its threads then:\n{err[-6000:]}")
     finally:
         proc.kill()
     return proc.returncode, out, err, time.monotonic() - sent

@@ -90,3 +90,20 @@ def test_config_state_keys_name_the_models_convs(config):
     assert specs[0].name == "conv1_1"
     linears = [f"classifier.{i}" for i, m in enumerate(model.classifier) if isinstance(m, torch.nn.Linear)]
     assert [fc.state_key for fc in fc_layers()] == linears
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 6])
+def test_training_lrn_matches_torch_in_value_and_gradient(size):
+    """A-LRN trains with a hand-written LRN backward; it must be torch's LocalResponseNorm exactly."""
+    from vgg_onnx.train.model import LocalResponseNorm
+
+    torch.manual_seed(size)
+    x = (torch.randn(2, 7, 3, 4, dtype=torch.float64) * 30).requires_grad_()
+    ours, torchs = LocalResponseNorm(size, 1e-2, 0.75, 1.0), torch.nn.LocalResponseNorm(size, 1e-2, 0.75, 1.0)
+    assert torch.autograd.gradcheck(ours, (x,))
+    weights = torch.randn_like(x)
+    for mine, theirs in ((ours(x), torchs(x)),
+                         (torch.autograd.grad((ours(x) * weights).sum(), x)[0],
+                          torch.autograd.grad((torchs(x) * weights).sum(), x)[0])):
+        assert torch.allclose(mine, theirs, rtol=1e-12, atol=1e-12)
+    assert isinstance(small("A-LRN").features[2], LocalResponseNorm)

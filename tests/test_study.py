@@ -168,3 +168,48 @@ def test_a_net_waits_for_the_run_it_starts_from(tmp_path: Path):
     runner = st.Runner(BUDGET, "DATA", str(tmp_path))
     assert runner.train(st.RUNS[1]) is False
     assert runner.failed == ["train D: A has not finished training, nothing to start from"]
+
+
+def report_only(data: Path, work: Path, report: Path, budget: str = "full") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vgg_onnx.train.study", "--budget", budget, "--data", str(data),
+                           "--work", str(work), "--report", str(report), "--report-only"],
+                          capture_output=True, text=True)
+
+
+def test_records_keep_the_results_when_the_work_folder_is_gone(work: Path, tmp_path: Path):
+    """The report's records (REPORT.json) stand in for a lost WORK; a run started again in WORK wins."""
+    import shutil
+
+    data, report = tmp_path / "data", tmp_path / "docs" / "reproduction.md"
+    data.mkdir()
+    a_q146 = work / "eval" / "A_Q146.json"
+    a_q146.write_text(json.dumps(json.loads(a_q146.read_text()) | {
+        "data": str(data / "val"), "models": [str(work / "models" / "A.onnx")]}))
+    assert report_only(data, work, report).returncode == 0
+    kept = json.loads(report.with_suffix(".json").read_text())
+    assert kept["runs"]["A"]["metrics"][-1]["val_top1_err"] == 0.4 and "D-glorot" not in kept["runs"]
+    assert kept["evals"]["A_Q146"]["models"] == ["WORK/models/A.onnx"] and kept["evals"]["A_Q146"]["data"] == "DATA/val"
+    tables = report.read_text().split("## Recipe")[1]
+
+    shutil.rmtree(work)
+    write_run(work, "D-glorot", [0.7, 0.45])  # a new session's WORK holds only the run still training
+    done = report_only(data, work, report)
+    assert done.returncode == 0, done.stderr
+    text = report.read_text()
+    assert "runs A, D, D-jitter, C, A-LRN; 17 evaluation report(s)" in text
+    assert "| D-glorot | D | 146 | Glorot | in progress or interrupted | 2 | 45.0 / 15.0 (epoch 2) |" in text
+    assert text.split("## Recipe")[1].replace("| D-glorot | D | 146 | Glorot | in progress or interrupted | 2 | "
+                                              "45.0 / 15.0 (epoch 2) | 2.2 | 158 |",
+                                              "| D-glorot | D | 146 | Glorot | not started | 0 | - | - | - |") == tables
+    assert json.loads(report.with_suffix(".json").read_text())["runs"]["D-glorot"]["epochs"] == 2
+
+
+def test_records_of_another_budget_or_format_are_refused(work: Path, tmp_path: Path):
+    data, report = tmp_path / "data", tmp_path / "reproduction.md"
+    data.mkdir()
+    assert report_only(data, work, report).returncode == 0
+    other = report_only(data, work, report, budget="quick")
+    assert other.returncode == 2 and "records of the 'full' budget, not 'quick'" in other.stderr
+    report.with_suffix(".json").write_text("[]")
+    broken = report_only(data, work, report)
+    assert broken.returncode == 2 and broken.stderr.count("\n") == 1 and "reproduction.json" in broken.stderr

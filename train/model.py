@@ -15,6 +15,47 @@ from vgg_onnx.configs import (DEFAULT_CROP, FC_STATE_KEYS, FC_WIDTH, IMAGENET_CL
 from vgg_onnx.params import INIT_METHODS
 
 
+class _LrnFunction(torch.autograd.Function):
+    """y = x * d^-beta, d = k + alpha/size * (sum of x^2 over `size` neighbouring channels), with a
+    hand-written backward: torch's LocalResponseNorm goes through avg_pool3d and its autograd, twice as
+    slow on CPU (forward and backward of a 128-image batch at width 1/8 and crop 128, one thread: 1.6 s
+    against 0.8 s; a whole A-LRN training step at two threads: 64 against 75 images/s)."""
+
+    @staticmethod
+    def forward(ctx, x, size: int, alpha: float, beta: float, k: float):
+        d = _channel_window_sum(x * x, size, size // 2).mul_(alpha / size).add_(k)
+        scale = d.pow(-beta)
+        ctx.save_for_backward(x, d, scale)
+        ctx.params = (size, alpha, beta)
+        return x * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, d, scale = ctx.saved_tensors
+        size, alpha, beta = ctx.params
+        # dy_i/dx_j = [i == j] d_i^-beta - 2 beta alpha/size x_i x_j d_i^(-beta-1) for j in i's window,
+        # so channel j gathers the term from every i whose window holds j (the window mirrored)
+        through_d = _channel_window_sum(grad * x * scale / d, size, (size - 1) // 2)
+        return grad * scale - (2 * beta * alpha / size) * x * through_d, None, None, None, None
+
+
+def _channel_window_sum(x: torch.Tensor, size: int, before: int) -> torch.Tensor:
+    """Sum over channels c-before .. c-before+size-1 (zeros outside), for each channel c."""
+    channels = x.shape[1]
+    padded = nn.functional.pad(x, (0, 0, 0, 0, before, size - 1 - before))
+    total = padded[:, :channels].clone()
+    for offset in range(1, size):
+        total += padded[:, offset:offset + channels]
+    return total
+
+
+class LocalResponseNorm(nn.LocalResponseNorm):
+    """torch's LocalResponseNorm (same parameters, same result to float rounding), faster to train."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _LrnFunction.apply(x, self.size, self.alpha, self.beta, self.k)
+
+
 def make_features(config: Config, width_mult: float = 1.0) -> nn.Sequential:
     """The conv part from the config's layer specs, in torchvision's module order (the specs' state keys)."""
     layers: list[nn.Module] = []
@@ -23,7 +64,7 @@ def make_features(config: Config, width_mult: float = 1.0) -> nn.Sequential:
         if isinstance(layer, PoolSpec):
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
         elif isinstance(layer, LrnSpec):
-            layers.append(nn.LocalResponseNorm(**LRN_PARAMS))
+            layers.append(LocalResponseNorm(**LRN_PARAMS))
         else:
             channels = scaled_channels(layer.out_channels, width_mult)
             layers.append(nn.Conv2d(in_channels, channels, kernel_size=layer.kernel, padding=layer.padding))

@@ -11,6 +11,11 @@ second invocation resumes interrupted trainings (`--resume`) and skips finished 
 the study survives interruptions. The report (Tables 3-6 of docs/protocol.md §4 in
 miniature, plots, a verdict per finding) is written from whatever results exist, with the
 missing ones marked pending.
+
+Beside the report the study keeps its records (REPORT.json: every run's per-epoch metrics and
+every evaluation report, with DATA and WORK in place of the folders). The report is written
+from WORK and, for what WORK no longer holds (a deleted or lost work folder), from the records,
+so a study spread over machines or sessions keeps its finished results.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from vgg_onnx.atomic import atomic_path, atomic_write_text
 from vgg_onnx.errors import UsageError, VggOnnxError
 
 __all__ = ["Budget", "BUDGETS", "RunSpec", "RUNS", "EvalSpec", "PAPER", "paper_scales", "eval_plan",
-           "train_command", "run_status", "collect", "findings", "write_report", "main"]
+           "train_command", "run_status", "collect", "findings", "write_report", "read_records", "records",
+           "main"]
 
 SOURCE = "Simonyan & Zisserman, ICLR 2015, arXiv:1409.1556"
 PAPER_CROP = 224
@@ -100,6 +106,7 @@ PAPER = {
 }
 DEPTH = {"A": 11, "A-LRN": 11, "B": 13, "C": 16, "D": 16, "E": 19}
 METHODS = ("dense", "multi-crop", "both")
+RECORDS_FORMAT = 1
 NEAR_CHANCE = 85.0  # top-1 error (%) above which a net has barely learned (chance: 90 % for 10 classes)
 
 
@@ -342,25 +349,75 @@ def eval_row(report: dict | None, model: str | None = None) -> dict | None:
     return {m: (row[m]["top1_error"], row[m]["top5_error"], row[m]["images"]) for m in report["methods"]}
 
 
-def collect(budget: Budget, work: str, runs=RUNS) -> dict:
-    """Everything the report needs, read from WORK: run states, metrics, eval reports and their commands.
+def collect(budget: Budget, work: str, runs=RUNS, kept: dict | None = None) -> dict:
+    """Everything the report needs: run states, metrics, eval reports and their commands.
 
-    Commands are shown with DATA and WORK for the data and work folders."""
-    study = {"budget": asdict(budget), "work": work, "runs": {}, "evals": {}}
+    Read from WORK; a run that WORK has not started and an eval report that WORK lacks come from
+    `kept` (read_records) when it has them. Commands are shown with DATA and WORK for the folders."""
+    kept = kept or {}
+    study = {"budget": asdict(budget), "work": work, "runs": {}, "evals": {}, "from_records": {"runs": [], "evals": []}}
     for spec in runs:
+        state, metrics = run_status(work, spec, budget), read_metrics(os.path.join(work, spec.name))
+        old = kept.get("runs", {}).get(spec.name)
+        if state["status"] == "not started" and not metrics and old:
+            state = {k: old[k] for k in ("status", "epochs", "stopped")}
+            metrics = old.get("metrics", [])
+            study["from_records"]["runs"].append(spec.name)
         study["runs"][spec.name] = {
-            **asdict(spec), **run_status(work, spec, budget), "metrics": read_metrics(os.path.join(work, spec.name)),
+            **asdict(spec), **state, "metrics": metrics, "summary": (old or {}).get("summary") if not metrics else None,
             "scale": run_scale(spec, budget.crop), "test_scale": single_test_scale(spec, budget.crop),
             "command": shell_line(train_command(spec, budget, "DATA", "WORK", resume=False))}
+
+    def report(key: str) -> dict | None:
+        found = read_json(os.path.join(work, "eval", key + ".json"))
+        if found is None and kept.get("evals", {}).get(key):
+            study["from_records"]["evals"].append(key)
+            return kept["evals"][key]
+        return found
+
     for item in eval_plan(budget, runs):
-        study["evals"][item.key] = read_json(os.path.join(work, "eval", item.key + ".json"))
+        study["evals"][item.key] = report(item.key)
     pair = best_two(study)
     if pair:
-        study["evals"]["fusion"] = read_json(os.path.join(work, "eval", "fusion.json"))
+        study["evals"]["fusion"] = report("fusion")
     study["commands"] = {item.key: shell_line(eval_command(item, "DATA", "WORK"))
                          for item in eval_plan(budget, runs, pair)}
     study["fusion_pair"] = list(pair) if pair else None
     return study
+
+
+def read_records(path: str) -> dict:
+    """The records a previous report kept (see `records`); {} when there are none yet."""
+    if not os.path.exists(path):
+        return {}
+    kept = read_json(path)
+    if not isinstance(kept, dict) or kept.get("format") != RECORDS_FORMAT:
+        raise UsageError(f"{path}: not a study records file of format {RECORDS_FORMAT} (move it aside to start anew)")
+    return kept
+
+
+def records(study: dict, data: str) -> dict:
+    """What the report was made from, machine-readable and free of this machine's folders: per run its
+    state and per-epoch metrics, every eval report, and the verdicts."""
+    folders = [(os.path.abspath(study["work"]), "WORK"), (study["work"], "WORK"),
+               (os.path.abspath(data), "DATA"), (data, "DATA")]
+
+    def portable(value):
+        if isinstance(value, str):
+            for folder, name in folders:
+                if value == folder or value.startswith(folder.rstrip(os.sep) + os.sep):
+                    return name + value[len(folder.rstrip(os.sep)):]
+            return value
+        if isinstance(value, dict):
+            return {k: portable(v) for k, v in value.items()}
+        return [portable(v) for v in value] if isinstance(value, list) else value
+
+    runs = {name: {k: run[k] for k in ("status", "epochs", "stopped", "metrics")} | (
+        {"summary": run["summary"]} if run.get("summary") else {}) for name, run in study["runs"].items()
+        if run["status"] != "not started"}
+    return {"format": RECORDS_FORMAT, "budget": study["budget"], "runs": runs,
+            "evals": {key: portable(report) for key, report in study["evals"].items() if report},
+            "findings": findings(study)}
 
 
 def best_two(study: dict) -> tuple[str, str] | None:
@@ -551,7 +608,11 @@ def pct(value: tuple | None) -> str:
 
 def run_figures(run: dict) -> dict:
     """Epochs, best centre-crop validation error, minutes and images/s from a run's metrics.jsonl."""
-    rows = run["metrics"]
+    rows, summary = run["metrics"], run.get("summary")
+    if not rows and summary:  # a run recorded only by its figures
+        return {"epochs": summary["epochs"], "best": f"{summary['best_top1']:.1f} / {summary['best_top5']:.1f} "
+                f"(epoch {summary['best_epoch']})", "minutes": f"{summary['minutes']:.1f}",
+                "ips": f"{summary['images_per_second']:.0f}"}
     if not rows:
         return {"epochs": 0, "best": "-", "minutes": "-", "ips": "-"}
     best = min(rows, key=lambda r: r["val_top1_err"])
@@ -704,9 +765,11 @@ def write_report(study: dict, report: str, header: list[str] | None = None) -> l
 
 def status_header(study: dict) -> list[str]:
     runs = study["runs"].values()
+    kept_runs, kept_evals = study["from_records"]["runs"], study["from_records"]["evals"]
     done = [r["name"] for r in runs if r["status"] == "finished"]
     going = [r["name"] for r in runs if r["status"] == "in progress or interrupted"]
     minutes = sum(r.get("train_seconds", 0) + r.get("val_seconds", 0) for run in runs for r in run["metrics"]) / 60
+    minutes += sum(run["summary"]["minutes"] for run in runs if run.get("summary"))
     return [f"Generated by `python -m vgg_onnx.train.study --budget {study['budget']['name']}` "
             f"on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Finished runs: {', '.join(done) or 'none'}; "
             f"in progress or interrupted: {', '.join(going) or 'none'}; training time so far {minutes:.0f} min "
@@ -715,7 +778,10 @@ def status_header(study: dict) -> list[str]:
             "",
             f"Files: WORK = `{study['work']}`; checkpoints in WORK/<run>/ (`best.safetensors`, `last.safetensors` "
             "with their JSON; `metrics.jsonl`, `train.log`), compiled models in WORK/models/<run>.onnx, evaluation "
-            "reports in WORK/eval/. A run continues from its checkpoint when the study is run again."]
+            "reports in WORK/eval/. A run continues from its checkpoint when the study is run again."] + (
+            ["", f"From the records kept beside this report ({os.path.basename(study['records'])}), because WORK no "
+             f"longer holds them: runs {', '.join(kept_runs) or 'none'}; {len(kept_evals)} evaluation report(s)."]
+            if kept_runs or kept_evals else [])
 
 
 # ---------------------------------------------------------------- command line
@@ -727,7 +793,7 @@ def status_header(study: dict) -> list[str]:
 @click.option("--data", required=True, metavar="DIR", help="Folder with train/<class>/ and val/<class>/.")
 @click.option("--work", required=True, metavar="DIR", help="Run folders, models, eval reports (resumable).")
 @click.option("--report", metavar="FILE.md", help="Report path (default: WORK/reproduction.md); plots go "
-              "to img/ beside it.")
+              "to img/ beside it, the records (metrics and eval reports, read back next time) to FILE.json.")
 @click.option("--report-only", is_flag=True, help="Only write the report from the results in WORK.")
 @click.option("--note", "notes", multiple=True, metavar="TEXT",
               help="A paragraph for the report's status section (repeatable), e.g. what is running where.")
@@ -736,10 +802,18 @@ def study_command(budget, data, work, report, report_only, notes):
     chosen = BUDGETS[budget]
     if not os.path.isdir(data):
         raise UsageError(f"{data}: not a folder (need train/<class>/ and val/<class>/)")
+    report = report or os.path.join(work, "reproduction.md")
+    records_file = os.path.splitext(report)[0] + ".json"
+    kept = read_records(records_file)
+    if kept and kept["budget"]["name"] != chosen.name:
+        raise UsageError(f"{records_file}: records of the {kept['budget']['name']!r} budget, not {chosen.name!r} "
+                         "(write this study's report elsewhere with --report)")
     failed = [] if report_only else run_study(chosen, data, work)
-    study = collect(chosen, work)
+    study = collect(chosen, work, kept=kept) | {"records": records_file}
     header = status_header(study) + [line for note in notes for line in ("", note)]
-    written = write_report(study, report or os.path.join(work, "reproduction.md"), header)
+    written = write_report(study, report, header)
+    atomic_write_text(records_file, json.dumps(records(study, data), indent=1) + "\n")
+    written.append(records_file)
     summary = {"budget": budget, "work": work, "files": written, "failed": failed,
                "runs": {name: {k: run[k] for k in ("status", "epochs", "stopped")}
                         for name, run in study["runs"].items()}, "findings": findings(study)}

@@ -30,7 +30,7 @@ def write_run(work: Path, name: str, errors: list[float], stopped: str = "") -> 
 def write_eval(work: Path, key: str, rows: list[tuple[str, dict]], images: int = IMAGES) -> None:
     """An eval report in the shape of `vgg-onnx eval --format json`: rows of (model, {method: top-1})."""
     methods = list(rows[0][1])
-    report = {"models": [m for m, _ in rows], "methods": methods, "scales": [146], "images": images,
+    report = {"models": [m for m, _ in rows if " + " not in m], "methods": methods,  # not the fused row "scales": [146], "images": images,
               "rows": [{"model": model, **{m: {"top1_error": v, "top5_error": v / 3, "images": images}
                                            for m, v in values.items()}} for model, values in rows]}
     (work / "eval").mkdir(exist_ok=True)
@@ -213,3 +213,13 @@ def test_records_of_another_budget_or_format_are_refused(work: Path, tmp_path: P
     report.with_suffix(".json").write_text("[]")
     broken = report_only(data, work, report)
     assert broken.returncode == 2 and broken.stderr.count("\n") == 1 and "reproduction.json" in broken.stderr
+
+
+def test_table6_names_the_pair_its_report_fused(work: Path, tmp_path: Path):
+    """A net that becomes one of the two best after the fusion was measured does not relabel the old fusion."""
+    write_eval(work, "C_multiscale", [("C.onnx", {"dense": 20.0})])  # C now beats D-jitter and D
+    study = st.collect(BUDGET, str(work))
+    assert study["best_two"] == ["C", "D-jitter"] and study["fusion_pair"] == ["D-jitter", "D"]
+    text = "\n".join(st.table6(study))
+    assert "| D-jitter + D (fused) | 1000 | 25.5 / 8.5 |" in text and "are now C and D-jitter" in text
+    assert "--model WORK/models/D-jitter.onnx --model WORK/models/D.onnx" in study["commands"]["fusion"]

@@ -210,9 +210,12 @@ def test_records_of_another_budget_or_format_are_refused(work: Path, tmp_path: P
     assert report_only(data, work, report).returncode == 0
     other = report_only(data, work, report, budget="quick")
     assert other.returncode == 2 and "records of the 'full' budget, not 'quick'" in other.stderr
-    report.with_suffix(".json").write_text("[]")
-    broken = report_only(data, work, report)
-    assert broken.returncode == 2 and broken.stderr.count("\n") == 1 and "reproduction.json" in broken.stderr
+    for bad in ("[]", '{"format": 1}', "{"):
+        report.with_suffix(".json").write_text(bad)
+        broken = report_only(data, work, report)
+        assert broken.returncode == 2 and broken.stderr.count("\n") == 1 and "reproduction.json" in broken.stderr
+    clash = report_only(data, work, report.with_suffix(".json"))
+    assert clash.returncode == 2 and "the report is Markdown" in clash.stderr
 
 
 def test_table6_names_the_pair_its_report_fused(work: Path, tmp_path: Path):

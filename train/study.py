@@ -402,7 +402,8 @@ def read_records(path: str) -> dict:
     if not os.path.exists(path):
         return {}
     kept = read_json(path)
-    if not isinstance(kept, dict) or kept.get("format") != RECORDS_FORMAT:
+    if (not isinstance(kept, dict) or kept.get("format") != RECORDS_FORMAT or not isinstance(kept.get("budget"), dict)
+            or not all(isinstance(kept.get(k), dict) for k in ("runs", "evals"))):
         raise UsageError(f"{path}: not a study records file of format {RECORDS_FORMAT} (move it aside to start anew)")
     return kept
 
@@ -809,7 +810,8 @@ def status_header(study: dict) -> list[str]:
 @click.option("--work", required=True, metavar="DIR", help="Run folders, models, eval reports (resumable).")
 @click.option("--report", metavar="FILE.md", help="Report path (default: WORK/reproduction.md); plots go "
               "to img/ beside it, the records (metrics and eval reports, read back next time) to FILE.json.")
-@click.option("--report-only", is_flag=True, help="Only write the report from the results in WORK.")
+@click.option("--report-only", is_flag=True, help="Only write the report from the results in WORK (and the "
+              "records, for what WORK lacks).")
 @click.option("--note", "notes", multiple=True, metavar="TEXT",
               help="A paragraph for the report's status section (repeatable), e.g. what is running where.")
 def study_command(budget, data, work, report, report_only, notes):
@@ -819,6 +821,8 @@ def study_command(budget, data, work, report, report_only, notes):
         raise UsageError(f"{data}: not a folder (need train/<class>/ and val/<class>/)")
     report = report or os.path.join(work, "reproduction.md")
     records_file = os.path.splitext(report)[0] + ".json"
+    if os.path.abspath(records_file) == os.path.abspath(report):
+        raise UsageError(f"{report}: the report is Markdown (FILE.md); FILE.json holds its records")
     kept = read_records(records_file)
     if kept and kept["budget"]["name"] != chosen.name:
         raise UsageError(f"{records_file}: records of the {kept['budget']['name']!r} budget, not {chosen.name!r} "

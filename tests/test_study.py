@@ -226,3 +226,11 @@ def test_table6_names_the_pair_its_report_fused(work: Path, tmp_path: Path):
     text = "\n".join(st.table6(study))
     assert "| D-jitter + D (fused) | 1000 | 25.5 / 8.5 |" in text and "are now C and D-jitter" in text
     assert "--model WORK/models/D-jitter.onnx --model WORK/models/D.onnx" in study["commands"]["fusion"]
+
+
+def test_no_loss_claim_holds_when_ours_is_significantly_better():
+    glorot = st.Finding("Glorot initialisation works without pre-training A", "D-glorot vs D", "no-loss")
+    verdict, reason = st.verdict(glorot, (23.3, 3.4, IMAGES), (28.3, 3.9, IMAGES), "width 0.125")
+    assert verdict == "reproduced" and "significantly lower, which the claim allows" in reason
+    same = st.verdict(glorot, (28.0, 3.4, IMAGES), (28.3, 3.9, IMAGES), "width 0.125")
+    assert same == ("reproduced", same[1]) and "no significant difference" in same[1]

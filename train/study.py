@@ -518,6 +518,8 @@ def verdict(finding: Finding, ours: tuple | None, base: tuple | None, limits: st
     worse = diff > margin if finding.expect == "no-loss" else diff < -margin
     if worse:
         return "not reproduced", f"{figures}: a significant difference ({limits})"
+    if abs(diff) > margin:  # significant, in the direction the claim allows
+        return "reproduced", f"{figures}: significantly {'lower' if diff < 0 else 'higher'}, which the claim allows"
     return "reproduced", f"{figures}: no significant difference, as the paper says"
 
 
